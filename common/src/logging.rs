@@ -1,0 +1,74 @@
+//! Plain log lines on stderr, which journald and syslog-style collectors read well: no colours,
+//! and no timestamp of our own when journald (which adds one) is the reader.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogConfig;
+
+/// The environment variable that overrides `[log] level`.
+pub const LOG_ENV: &str = "POSTERN_LOG";
+
+/// The filter `[log] level` describes, or why it cannot be read.
+pub fn filter_for(config: &LogConfig) -> Result<EnvFilter, LevelError> {
+    // EnvFilter takes a bare word as a target name, so "loud" would silently mean "everything
+    // from a module called loud": insist that every directive names a level.
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for directive in config.level.split(',').map(str::trim) {
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, level)| level);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(LevelError(config.level.clone()));
+        }
+    }
+    EnvFilter::builder()
+        .parse(&config.level)
+        .map_err(|_| LevelError(config.level.clone()))
+}
+
+/// Why `[log] level` was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "invalid log level {0:?}: expected off, error, warn, info, debug or trace, optionally per module (\"info,postern_policyd=debug\")"
+)]
+pub struct LevelError(String);
+
+/// Installs the global subscriber. Safe to call more than once (later calls do nothing), so
+/// tests can call it freely.
+pub fn init(config: &LogConfig) {
+    let filter = std::env::var(LOG_ENV)
+        .ok()
+        .and_then(|level| filter_for(&LogConfig { level }).ok())
+        .or_else(|| filter_for(config).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false);
+    // try_init fails only when a subscriber is already installed, which is fine.
+    let _ = if under_journald {
+        builder.without_time().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_levels_and_directives_refuses_garbage() {
+        for ok in ["info", "debug", "warn,postern_policyd=debug", "error"] {
+            assert!(filter_for(&LogConfig { level: ok.into() }).is_ok(), "{ok}");
+        }
+        assert!(
+            filter_for(&LogConfig {
+                level: "loud".into()
+            })
+            .is_err()
+        );
+    }
+}
