@@ -1,0 +1,355 @@
+//! The Postfix policy-delegation protocol (SMTPD_POLICY_README): `name=value` lines, an empty
+//! line ends a request, several requests per connection; the answer is `action=...` and an empty
+//! line. Pure: bytes in, values out, every frame capped. No sockets, no clock.
+
+use bytes::{Buf, BytesMut};
+use tokio_util::codec::Decoder;
+
+/// Longest attribute line accepted, newline excluded. Postfix's own attribute values are far
+/// shorter (SMTP lines are at most 2048 bytes incl. ESMTP extensions); 8 KiB leaves room for
+/// long client certificate subjects.
+pub const MAX_LINE_BYTES: usize = 8192;
+/// Most attributes in one request; Postfix 3.7 sends about 40.
+pub const MAX_ATTRIBUTES: usize = 256;
+/// Largest request accepted, terminating empty line included.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtoError {
+    /// A line longer than [`MAX_LINE_BYTES`].
+    #[error("attribute line longer than {MAX_LINE_BYTES} bytes")]
+    LineTooLong,
+    /// A request larger than [`MAX_REQUEST_BYTES`].
+    #[error("request larger than {MAX_REQUEST_BYTES} bytes")]
+    RequestTooLarge,
+    /// More than [`MAX_ATTRIBUTES`] attributes.
+    #[error("more than {MAX_ATTRIBUTES} attributes")]
+    TooManyAttributes,
+    /// A line without `=`, or with an empty name.
+    #[error("malformed attribute line {0:?} (expected name=value)")]
+    MalformedLine(String),
+    /// A NUL or other control character inside a line.
+    #[error("control character in attribute line")]
+    ControlCharacter,
+    /// Bytes that are not UTF-8.
+    #[error("attribute line is not UTF-8")]
+    NotUtf8,
+    /// The connection closed in the middle of a request.
+    #[error("connection closed in the middle of a request ({0} bytes unanswered)")]
+    Truncated(usize),
+    /// The socket failed.
+    #[error("read failed: {0}")]
+    Io(String),
+}
+
+impl From<std::io::Error> for ProtoError {
+    fn from(err: std::io::Error) -> Self {
+        Self::Io(err.to_string())
+    }
+}
+
+/// One policy request: its attributes in the order Postfix sent them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyRequest {
+    attrs: Vec<(String, String)>,
+}
+
+impl PolicyRequest {
+    /// A request from name/value pairs (tests, --stdio callers).
+    pub fn from_pairs<N: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (N, V)>,
+    ) -> Self {
+        Self {
+            attrs: pairs
+                .into_iter()
+                .map(|(n, v)| (n.into(), v.into()))
+                .collect(),
+        }
+    }
+
+    /// The first value of attribute `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.attrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every attribute, in order.
+    pub fn attrs(&self) -> &[(String, String)] {
+        &self.attrs
+    }
+
+    /// Encodes the request as Postfix sends it (load generators, tests).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, value) in &self.attrs {
+            out.extend_from_slice(name.as_bytes());
+            out.push(b'=');
+            out.extend_from_slice(value.as_bytes());
+            out.push(b'\n');
+        }
+        out.push(b'\n');
+        out
+    }
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyReply {
+    action: String,
+}
+
+impl PolicyReply {
+    /// An answer with `action` (e.g. "DUNNO", "DEFER_IF_PERMIT Greylisted", "PREPEND X-Foo: bar").
+    pub fn new(action: impl Into<String>) -> Self {
+        let mut action: String = action.into();
+        // A newline would end the reply early and smuggle a second one into the stream.
+        action.retain(|c| c != '\n' && c != '\r');
+        Self { action }
+    }
+
+    /// "Don't know": let the next restriction decide.
+    pub fn dunno() -> Self {
+        Self::new("DUNNO")
+    }
+
+    /// The action text.
+    pub fn action(&self) -> &str {
+        &self.action
+    }
+
+    /// `action=...\n\n`.
+    pub fn encode(&self) -> Vec<u8> {
+        format!("action={}\n\n", self.action).into_bytes()
+    }
+}
+
+/// Parses one complete request: lines of `name=value`, optionally ending with the empty line.
+pub fn parse_request(bytes: &[u8]) -> Result<PolicyRequest, ProtoError> {
+    if bytes.len() > MAX_REQUEST_BYTES {
+        return Err(ProtoError::RequestTooLarge);
+    }
+    let mut attrs = Vec::new();
+    for raw in bytes.split(|&b| b == b'\n') {
+        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if line.is_empty() {
+            continue;
+        }
+        if line.len() > MAX_LINE_BYTES {
+            return Err(ProtoError::LineTooLong);
+        }
+        if line.iter().any(|&b| b < 0x20 && b != b'\t' || b == 0x7f) {
+            return Err(ProtoError::ControlCharacter);
+        }
+        let text = std::str::from_utf8(line).map_err(|_| ProtoError::NotUtf8)?;
+        let (name, value) = text
+            .split_once('=')
+            .filter(|(name, _)| !name.is_empty() && !name.contains(' '))
+            .ok_or_else(|| ProtoError::MalformedLine(text.chars().take(64).collect()))?;
+        if attrs.len() == MAX_ATTRIBUTES {
+            return Err(ProtoError::TooManyAttributes);
+        }
+        attrs.push((name.to_owned(), value.to_owned()));
+    }
+    Ok(PolicyRequest { attrs })
+}
+
+/// Frames requests out of a byte stream.
+#[derive(Debug, Default)]
+pub struct PolicyDecoder {
+    /// How far the buffer has been searched for the end of a request.
+    scanned: usize,
+    /// Where the current line started.
+    line_start: usize,
+}
+
+impl Decoder for PolicyDecoder {
+    type Item = PolicyRequest;
+    type Error = ProtoError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<PolicyRequest>, ProtoError> {
+        // Empty lines before a request (a client's stray newline) are skipped, as Postfix does.
+        while self.scanned == 0 && buf.first() == Some(&b'\n') {
+            buf.advance(1);
+        }
+        while let Some(offset) = buf[self.scanned..].iter().position(|&b| b == b'\n') {
+            let newline = self.scanned + offset;
+            if newline - self.line_start > MAX_LINE_BYTES + 1 {
+                return Err(ProtoError::LineTooLong);
+            }
+            self.scanned = newline + 1;
+            let line = &buf[self.line_start..newline];
+            let is_end = line.is_empty() || line == b"\r";
+            self.line_start = self.scanned;
+            if is_end {
+                let frame = buf.split_to(self.scanned);
+                self.scanned = 0;
+                self.line_start = 0;
+                return parse_request(&frame).map(Some);
+            }
+        }
+        self.scanned = buf.len();
+        if buf.len() - self.line_start > MAX_LINE_BYTES + 1 {
+            return Err(ProtoError::LineTooLong);
+        }
+        if buf.len() > MAX_REQUEST_BYTES {
+            return Err(ProtoError::RequestTooLarge);
+        }
+        Ok(None)
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<PolicyRequest>, ProtoError> {
+        match self.decode(buf)? {
+            Some(request) => Ok(Some(request)),
+            None if buf.iter().all(|&b| b == b'\n' || b == b'\r') => Ok(None),
+            None => Err(ProtoError::Truncated(buf.len())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POSTFIX_REQUEST: &[u8] = b"request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\nclient_address=192.0.2.1\nclient_name=mail.example.com\nhelo_name=mail.example.com\nsender=alice@example.com\nrecipient=bob@example.net\ninstance=123.456.7\nsasl_username=\nccert_subject=\nsize=12345\n\n";
+
+    fn decode_all(bytes: &[u8]) -> (Vec<PolicyRequest>, Option<ProtoError>) {
+        let mut decoder = PolicyDecoder::default();
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(request)) => out.push(request),
+                Ok(None) => match decoder.decode_eof(&mut buf) {
+                    Ok(Some(request)) => out.push(request),
+                    Ok(None) => return (out, None),
+                    Err(err) => return (out, Some(err)),
+                },
+                Err(err) => return (out, Some(err)),
+            }
+        }
+    }
+
+    #[test]
+    fn parses_a_postfix_request() {
+        let (requests, err) = decode_all(POSTFIX_REQUEST);
+        assert_eq!(err, None);
+        assert_eq!(requests.len(), 1);
+        let r = &requests[0];
+        assert_eq!(r.get("protocol_state"), Some("RCPT"));
+        assert_eq!(r.get("sender"), Some("alice@example.com"));
+        assert_eq!(r.get("sasl_username"), Some(""));
+        assert_eq!(r.get("missing"), None);
+        assert_eq!(r.attrs().len(), 12);
+        assert_eq!(r.encode(), POSTFIX_REQUEST);
+    }
+
+    #[test]
+    fn several_requests_on_one_connection_and_in_pieces() {
+        let mut stream = POSTFIX_REQUEST.to_vec();
+        stream.extend_from_slice(b"request=smtpd_access_policy\nrecipient=x@y\n\n");
+        let (requests, err) = decode_all(&stream);
+        assert_eq!(err, None);
+        assert_eq!(requests.len(), 2);
+        assert_eq!(requests[1].get("recipient"), Some("x@y"));
+        // Byte by byte gives the same result.
+        let mut decoder = PolicyDecoder::default();
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for &b in &stream {
+            buf.extend_from_slice(&[b]);
+            if let Some(request) = decoder.decode(&mut buf).unwrap() {
+                got.push(request);
+            }
+        }
+        assert_eq!(got, requests);
+    }
+
+    #[test]
+    fn values_may_contain_equals_and_crlf_is_tolerated() {
+        let (requests, err) = decode_all(b"sender=a=b@c\r\nx=\r\n\r\n");
+        assert_eq!(err, None);
+        assert_eq!(requests[0].get("sender"), Some("a=b@c"));
+        assert_eq!(requests[0].get("x"), Some(""));
+    }
+
+    #[test]
+    fn partial_request_waits_and_truncated_one_is_reported() {
+        let mut decoder = PolicyDecoder::default();
+        let mut buf = BytesMut::from(&b"request=smtpd_access_policy\nsender=a"[..]);
+        assert_eq!(decoder.decode(&mut buf), Ok(None));
+        assert_eq!(decoder.decode_eof(&mut buf), Err(ProtoError::Truncated(36)));
+        let (requests, err) = decode_all(b"\n\n");
+        assert!(requests.is_empty());
+        assert_eq!(err, None);
+    }
+
+    #[test]
+    fn oversize_line_and_request_are_refused_early() {
+        let mut long = b"sender=".to_vec();
+        long.extend(std::iter::repeat_n(b'a', MAX_LINE_BYTES + 10));
+        let mut decoder = PolicyDecoder::default();
+        let mut buf = BytesMut::from(&long[..]);
+        assert_eq!(decoder.decode(&mut buf), Err(ProtoError::LineTooLong));
+        let mut many = Vec::new();
+        for i in 0..(MAX_REQUEST_BYTES / 50) {
+            many.extend_from_slice(format!("a{i}={}\n", "x".repeat(90)).as_bytes());
+        }
+        let mut decoder = PolicyDecoder::default();
+        let mut buf = BytesMut::from(&many[..]);
+        assert_eq!(decoder.decode(&mut buf), Err(ProtoError::RequestTooLarge));
+        let attrs: String = (0..=MAX_ATTRIBUTES).map(|i| format!("a{i}=1\n")).collect();
+        assert_eq!(
+            parse_request(attrs.as_bytes()),
+            Err(ProtoError::TooManyAttributes)
+        );
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        for (bytes, want) in [
+            (&b"no equals sign\n\n"[..], "malformed"),
+            (b"=value\n\n", "malformed"),
+            (b"a b=c\n\n", "malformed"),
+            (b"a=\x00\x01\x02\n\n", "control"),
+            (b"a=\xff\xfe\n\n", "UTF-8"),
+            (
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\n\n",
+                "control",
+            ),
+        ] {
+            let (requests, err) = decode_all(bytes);
+            assert!(requests.is_empty());
+            let text = err.expect("refused").to_string();
+            assert!(text.contains(want), "{bytes:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn reply_encoding_cannot_be_split() {
+        assert_eq!(PolicyReply::dunno().encode(), b"action=DUNNO\n\n");
+        let reply = PolicyReply::new("PREPEND X-Evil: a\n\naction=OK");
+        assert_eq!(reply.encode(), b"action=PREPEND X-Evil: aaction=OK\n\n");
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A cheap stand-in for the fuzz target, run on every test: pseudo-random byte soup.
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2000 {
+            let len = (seed % 300) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    [b'a', b'=', b'\n', b'\r', 0, 0xff, b' '][(seed % 7) as usize]
+                })
+                .collect();
+            let _ = decode_all(&bytes);
+            let _ = parse_request(&bytes);
+        }
+    }
+}
