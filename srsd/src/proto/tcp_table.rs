@@ -1,0 +1,230 @@
+//! Postfix tcp_table(5): the client sends `get KEY\n` with KEY %XX-encoded; the server answers
+//! `200 VALUE\n` (found, %XX-encoded), `500 REASON\n` (not found) or `400 REASON\n` (error).
+
+use bytes::BytesMut;
+use tokio_util::codec::Decoder;
+
+/// Longest request line accepted, newline excluded. Postfix's dict_tcp sends keys up to its
+/// line limit of 4096; an address is at most 254 octets, %XX-encoding at most triples it.
+pub const MAX_LINE_BYTES: usize = 4096;
+/// Longest reply text: Postfix's dict_tcp refuses reply lines over 4096 bytes.
+pub const MAX_REPLY_BYTES: usize = 4096;
+
+/// A tcp_table request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `get KEY`: the decoded key.
+    Get(String),
+    /// A request the protocol does not know (`put`, or garbage): answered 400, connection kept.
+    Invalid(String),
+}
+
+/// A tcp_table reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// 200: the key maps to this value.
+    Found(String),
+    /// 500: no such key (the reason is for logs; Postfix ignores it).
+    NotFound(String),
+    /// 400: the request failed.
+    Error(String),
+}
+
+impl Reply {
+    /// The reply line, value %XX-encoded, reasons stripped of anything that would break the line.
+    pub fn encode(&self) -> Vec<u8> {
+        let (code, text) = match self {
+            Self::Found(value) => ("200", encode_key(value)),
+            Self::NotFound(reason) => ("500", printable(reason)),
+            Self::Error(reason) => ("400", printable(reason)),
+        };
+        let mut line = format!("{code} {text}");
+        line.truncate(MAX_REPLY_BYTES - 1);
+        line.push('\n');
+        line.into_bytes()
+    }
+}
+
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// Why a line could not be framed (the connection is then closed).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TcpTableError {
+    /// Longer than [`MAX_LINE_BYTES`].
+    #[error("request line longer than {MAX_LINE_BYTES} bytes")]
+    LineTooLong,
+    /// The socket failed.
+    #[error("read failed: {0}")]
+    Io(String),
+}
+
+impl From<std::io::Error> for TcpTableError {
+    fn from(err: std::io::Error) -> Self {
+        Self::Io(err.to_string())
+    }
+}
+
+/// %XX-encodes what Postfix's dict_tcp encodes: everything outside printable ASCII, plus space,
+/// `%` and `+` (which some decoders read as a space).
+pub fn encode_key(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for &b in text.as_bytes() {
+        if b.is_ascii_graphic() && b != b'%' && b != b'+' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes %XX escapes; `None` for a malformed escape or bytes that are not UTF-8.
+pub fn decode_key(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Parses one request line (without its newline).
+pub fn parse_line(line: &[u8]) -> Request {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Ok(text) = std::str::from_utf8(line) else {
+        return Request::Invalid("request is not ASCII".to_owned());
+    };
+    match text.split_once(' ') {
+        Some(("get", key)) if !key.is_empty() && !key.contains(' ') => match decode_key(key) {
+            Some(key) if !key.chars().any(char::is_control) => Request::Get(key),
+            _ => Request::Invalid("malformed %XX encoding".to_owned()),
+        },
+        Some(("put", _)) => Request::Invalid("put is not supported".to_owned()),
+        _ => Request::Invalid("invalid request".to_owned()),
+    }
+}
+
+/// Frames request lines.
+#[derive(Debug, Default)]
+pub struct TcpTableDecoder {
+    scanned: usize,
+}
+
+impl Decoder for TcpTableDecoder {
+    type Item = Request;
+    type Error = TcpTableError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, TcpTableError> {
+        match buf[self.scanned..].iter().position(|&b| b == b'\n') {
+            Some(offset) => {
+                let end = self.scanned + offset;
+                self.scanned = 0;
+                if end > MAX_LINE_BYTES + 1 {
+                    return Err(TcpTableError::LineTooLong);
+                }
+                let line = buf.split_to(end + 1);
+                Ok(Some(parse_line(&line[..end])))
+            }
+            None if buf.len() > MAX_LINE_BYTES + 1 => Err(TcpTableError::LineTooLong),
+            None => {
+                self.scanned = buf.len();
+                Ok(None)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(bytes: &[u8]) -> Result<Vec<Request>, TcpTableError> {
+        let mut decoder = TcpTableDecoder::default();
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while let Some(request) = decoder.decode(&mut buf)? {
+            out.push(request);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn decodes_gets_and_answers() {
+        let requests =
+            decode_all(b"get alice@example.com\nget a%20b%2Bc%25d@x\nget caf%C3%A9@x\r\n").unwrap();
+        assert_eq!(
+            requests,
+            vec![
+                Request::Get("alice@example.com".into()),
+                Request::Get("a b+c%d@x".into()),
+                Request::Get("café@x".into())
+            ]
+        );
+        assert_eq!(
+            Reply::Found("SRS0=vmyz=2W=otherdomain.com=test@example.com".into()).encode(),
+            b"200 SRS0=vmyz=2W=otherdomain.com=test@example.com\n"
+        );
+        assert_eq!(
+            Reply::Found("a b+c%@x".into()).encode(),
+            b"200 a%20b%2Bc%25@x\n"
+        );
+        assert_eq!(
+            Reply::NotFound("Domain excluded\nby policy".into()).encode(),
+            b"500 Domain excluded by policy\n"
+        );
+        assert_eq!(
+            Reply::Error("Invalid request".into()).encode(),
+            b"400 Invalid request\n"
+        );
+    }
+
+    #[test]
+    fn round_trips_every_byte() {
+        let all: String = (1u8..=127).map(char::from).chain("é€".chars()).collect();
+        assert_eq!(decode_key(&encode_key(&all)).as_deref(), Some(all.as_str()));
+    }
+
+    #[test]
+    fn partial_lines_wait_and_oversize_fails() {
+        let mut decoder = TcpTableDecoder::default();
+        let mut buf = BytesMut::from(&b"get ali"[..]);
+        assert_eq!(decoder.decode(&mut buf), Ok(None));
+        buf.extend_from_slice(b"ce@x\n");
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Ok(Some(Request::Get("alice@x".into())))
+        );
+        let long = vec![b'a'; MAX_LINE_BYTES + 10];
+        assert_eq!(decode_all(&long), Err(TcpTableError::LineTooLong));
+    }
+
+    #[test]
+    fn garbage_is_answered_as_invalid() {
+        for line in [
+            &b"hello"[..],
+            b"get",
+            b"get ",
+            b"get a b",
+            b"get %zz",
+            b"get %4",
+            b"\xff\xfe",
+            b"put a b",
+            b"get %00x",
+            b"get %FF",
+        ] {
+            assert!(matches!(parse_line(line), Request::Invalid(_)), "{line:?}");
+        }
+    }
+}

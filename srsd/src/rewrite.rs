@@ -1,0 +1,287 @@
+//! What to rewrite: postsrsd's rules around the SRS algorithm (local domains are left alone,
+//! null senders too, bad SRS addresses are passed through and logged). Pure apart from the
+//! domains file, which is re-read when it changes.
+
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::SystemTime;
+
+use crate::srs::{ReverseError, Srs};
+
+/// Local domains: an entry matches itself; an entry with a leading dot matches its subdomains
+/// only (postsrsd's rule, as `SRS_EXCLUDE_DOMAINS`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainSet {
+    exact: Vec<String>,
+    suffixes: Vec<String>,
+}
+
+impl DomainSet {
+    /// Builds the set from entries (case-insensitive; blank entries ignored).
+    pub fn new<S: AsRef<str>>(entries: impl IntoIterator<Item = S>) -> Self {
+        let mut set = Self::default();
+        for entry in entries {
+            let entry = entry.as_ref().trim().to_ascii_lowercase();
+            if entry.is_empty() {
+                continue;
+            }
+            if entry.starts_with('.') {
+                set.suffixes.push(entry);
+            } else {
+                set.exact.push(entry);
+            }
+        }
+        set
+    }
+
+    /// Reads a domains file: one domain per line, `#` comments, blank lines ignored.
+    pub fn parse_file_text(text: &str) -> Vec<String> {
+        text.lines()
+            .map(|line| line.split('#').next().unwrap_or("").trim().to_owned())
+            .filter(|line| !line.is_empty())
+            .collect()
+    }
+
+    /// Whether `domain` is local.
+    pub fn contains(&self, domain: &str) -> bool {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        self.exact.contains(&domain) || self.suffixes.iter().any(|s| domain.ends_with(s.as_str()))
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.suffixes.len()
+    }
+
+    /// No entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The answer to one lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Rewritten to this address.
+    Rewritten(String),
+    /// Left alone, with the reason (for the log and the protocol's not-found text).
+    Unchanged(&'static str),
+    /// An SRS address that does not verify: left alone, and worth a log line.
+    Refused(ReverseError),
+}
+
+/// Forward and reverse rewriting with postsrsd's rules.
+#[derive(Debug)]
+pub struct Rewriter {
+    /// The algorithm and its secrets.
+    pub srs: Srs,
+    /// The domain SRS addresses are written in.
+    pub srs_domain: String,
+    /// Rewrite senders in local domains too.
+    pub always_rewrite: bool,
+    config_domains: Vec<String>,
+    domains_file: Option<PathBuf>,
+    domains: RwLock<(DomainSet, Option<SystemTime>)>,
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+impl Rewriter {
+    /// A rewriter; reads `domains_file` once now (an unreadable file is an error).
+    pub fn new(
+        srs: Srs,
+        srs_domain: String,
+        always_rewrite: bool,
+        domains: Vec<String>,
+        domains_file: Option<PathBuf>,
+    ) -> std::io::Result<Self> {
+        let rewriter = Self {
+            srs,
+            srs_domain: srs_domain.to_ascii_lowercase(),
+            always_rewrite,
+            config_domains: domains,
+            domains_file,
+            domains: RwLock::new((DomainSet::default(), None)),
+        };
+        rewriter.load_domains()?;
+        Ok(rewriter)
+    }
+
+    fn load_domains(&self) -> std::io::Result<usize> {
+        let mut entries = self.config_domains.clone();
+        let mut stamp = None;
+        if let Some(path) = &self.domains_file {
+            stamp = modified(path);
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            entries.extend(DomainSet::parse_file_text(&text));
+        }
+        let set = DomainSet::new(entries);
+        let count = set.len();
+        if let Ok(mut guard) = self.domains.write() {
+            *guard = (set, stamp);
+        }
+        Ok(count)
+    }
+
+    /// Re-reads the domains file if it changed since the last read. Returns the new number of
+    /// domains when it did; on a read error the old set stays.
+    pub fn refresh_domains(&self) -> Option<std::io::Result<usize>> {
+        let path = self.domains_file.as_ref()?;
+        let now = modified(path);
+        let seen = self.domains.read().ok().and_then(|g| g.1);
+        (now != seen).then(|| self.load_domains())
+    }
+
+    fn is_local(&self, domain: &str) -> bool {
+        domain.eq_ignore_ascii_case(&self.srs_domain)
+            || self
+                .domains
+                .read()
+                .map(|g| g.0.contains(domain))
+                .unwrap_or(false)
+    }
+
+    /// The envelope sender of forwarded mail, rewritten.
+    pub fn forward(&self, address: &str, unix: u64) -> Outcome {
+        let Some((local, domain)) = address.rsplit_once('@') else {
+            return Outcome::Unchanged("No domain.");
+        };
+        if local.is_empty() || domain.is_empty() {
+            return Outcome::Unchanged("No domain.");
+        }
+        if domain.eq_ignore_ascii_case(&self.srs_domain) && crate::srs::split_srs(local).is_some() {
+            return Outcome::Unchanged("Already rewritten.");
+        }
+        if !self.always_rewrite && self.is_local(domain) {
+            return Outcome::Unchanged("Need not rewrite local domain.");
+        }
+        Outcome::Rewritten(self.srs.forward(local, domain, &self.srs_domain, unix))
+    }
+
+    /// A bounce recipient, restored to the original sender.
+    pub fn reverse(&self, address: &str, unix: u64) -> Outcome {
+        let local = address.rsplit_once('@').map_or(address, |(local, _)| local);
+        match self.srs.reverse(local, unix) {
+            Ok(original) => Outcome::Rewritten(original),
+            Err(ReverseError::NotSrs) => Outcome::Unchanged("Not an SRS address."),
+            Err(err) => Outcome::Refused(err),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::srs::HashAlphabet;
+
+    const T: u64 = 1_577_836_860;
+
+    fn rewriter(domains: &[&str], file: Option<PathBuf>) -> Rewriter {
+        let srs = Srs {
+            secrets: vec![b"tops3cr3t".to_vec()],
+            separator: '=',
+            hash_length: 4,
+            hash_minimum: 4,
+            alphabet: HashAlphabet::Base64url,
+        };
+        Rewriter::new(
+            srs,
+            "example.com".into(),
+            false,
+            domains.iter().map(|d| d.to_string()).collect(),
+            file,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn leading_dot_matches_subdomains_only() {
+        let set = DomainSet::new([".sub.example", "Exact.Example"]);
+        assert!(set.contains("a.sub.example"));
+        assert!(!set.contains("sub.example"));
+        assert!(set.contains("exact.example"));
+        assert!(set.contains("EXACT.example."));
+        assert!(!set.contains("other.example"));
+        assert_eq!(
+            DomainSet::parse_file_text("# c\n a.example \n\nb.example # x\n"),
+            vec!["a.example", "b.example"]
+        );
+    }
+
+    #[test]
+    fn forward_rules() {
+        let r = rewriter(&["local.example"], None);
+        assert_eq!(
+            r.forward("test@otherdomain.com", T),
+            Outcome::Rewritten("SRS0=vmyz=2W=otherdomain.com=test@example.com".into())
+        );
+        assert_eq!(
+            r.forward("alice@local.example", T),
+            Outcome::Unchanged("Need not rewrite local domain.")
+        );
+        assert_eq!(
+            r.forward("alice@EXAMPLE.com", T),
+            Outcome::Unchanged("Need not rewrite local domain.")
+        );
+        assert_eq!(
+            r.forward("SRS0=vmyz=2W=otherdomain.com=test@example.com", T),
+            Outcome::Unchanged("Already rewritten.")
+        );
+        assert_eq!(r.forward("", T), Outcome::Unchanged("No domain."));
+        assert_eq!(r.forward("postmaster", T), Outcome::Unchanged("No domain."));
+        assert_eq!(r.forward("@x", T), Outcome::Unchanged("No domain."));
+        assert!(
+            matches!(r.forward("SRS0=abcd=2W=a.example=b@fwd.example", T), Outcome::Rewritten(a) if a.starts_with("SRS1="))
+        );
+    }
+
+    #[test]
+    fn reverse_rules() {
+        let r = rewriter(&[], None);
+        assert_eq!(
+            r.reverse("SRS0=vmyz=2W=otherdomain.com=test@example.com", T),
+            Outcome::Rewritten("test@otherdomain.com".into())
+        );
+        assert_eq!(
+            r.reverse("bob@example.com", T),
+            Outcome::Unchanged("Not an SRS address.")
+        );
+        assert_eq!(
+            r.reverse("SRS0=xxxx=2W=otherdomain.com=test@example.com", T),
+            Outcome::Refused(ReverseError::BadHash)
+        );
+    }
+
+    #[test]
+    fn domains_file_is_reread_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("domains");
+        std::fs::write(&path, "one.example\n").unwrap();
+        let r = rewriter(&[], Some(path.clone()));
+        assert!(matches!(
+            r.forward("a@one.example", T),
+            Outcome::Unchanged(_)
+        ));
+        assert!(r.refresh_domains().is_none());
+        std::fs::write(&path, "two.example\n").unwrap();
+        let later = SystemTime::now() + std::time::Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        assert_eq!(r.refresh_domains().unwrap().unwrap(), 1);
+        assert!(matches!(
+            r.forward("a@one.example", T),
+            Outcome::Rewritten(_)
+        ));
+        assert!(matches!(
+            r.forward("a@two.example", T),
+            Outcome::Unchanged(_)
+        ));
+    }
+}

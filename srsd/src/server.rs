@@ -1,0 +1,290 @@
+//! The I/O around the two codecs: tcp_table on the forward and reverse listeners, socketmap on
+//! one listener with maps `forward` and `reverse`. Each lookup is one log line when it rewrites
+//! or refuses; pass-throughs are counted, not logged (postsrsd 2.0.6 stopped logging them too).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern_common::clock::{Clock, SystemClock};
+use postern_common::config::ConfigError;
+use postern_common::daemon::{Daemon, DaemonContext};
+use postern_common::listen::{ListenSpec, Listener, PeerAddr};
+use postern_common::secret;
+use postern_common::serve::{self, Connection, NextFrame, ServeOptions};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use tokio_util::codec::FramedRead;
+use tracing::{info, warn};
+
+use crate::config::SrsdConfig;
+use crate::proto::{socketmap, tcp_table};
+use crate::rewrite::{Outcome, Rewriter};
+use crate::srs::Srs;
+
+/// The live state.
+#[derive(Debug)]
+pub struct Srsd {
+    /// The configuration it was built from.
+    pub config: Arc<SrsdConfig>,
+    /// The rewriter.
+    pub rewriter: Rewriter,
+}
+
+/// Reads the secrets file (one secret per line, CR/LF stripped, blank lines skipped), generating
+/// one when the default file does not exist yet.
+pub fn load_secrets(config: &SrsdConfig) -> Result<Vec<Vec<u8>>, ConfigError> {
+    let path = config.effective_secrets_file();
+    if config.secrets_file.is_none() && !path.exists() {
+        let mut bytes = [0u8; 24];
+        rand::fill(&mut bytes);
+        let text = format!(
+            "{}\n",
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        secret::write_private_file(&path, text.as_bytes()).map_err(|e| {
+            ConfigError::invalid(
+                "secrets_file",
+                format!("{}: cannot create: {e}", path.display()),
+            )
+        })?;
+        info!(file = %path.display(), "generated a new SRS secret");
+    }
+    let bytes = secret::read_private_file(&path)
+        .map_err(|e| ConfigError::invalid("secrets_file", e.to_string()))?;
+    let secrets: Vec<Vec<u8>> = bytes
+        .split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line).to_vec())
+        .filter(|line| !line.is_empty())
+        .collect();
+    if secrets.is_empty() {
+        return Err(ConfigError::invalid(
+            "secrets_file",
+            format!("{}: holds no secret", path.display()),
+        ));
+    }
+    Ok(secrets)
+}
+
+impl Daemon for Srsd {
+    type Config = SrsdConfig;
+
+    fn build(config: Arc<SrsdConfig>) -> Result<Self, ConfigError> {
+        let srs = Srs {
+            secrets: load_secrets(&config)?,
+            separator: config.separator_char()?,
+            hash_length: config.hash_length,
+            hash_minimum: config.hash_minimum,
+            alphabet: config.hash_alphabet,
+        };
+        let rewriter = Rewriter::new(
+            srs,
+            config.effective_srs_domain()?,
+            config.always_rewrite,
+            config.domains.clone(),
+            config.domains_file.clone(),
+        )
+        .map_err(|e| ConfigError::invalid("domains_file", e.to_string()))?;
+        Ok(Self { config, rewriter })
+    }
+
+    fn restart_needed(old: &SrsdConfig, new: &SrsdConfig) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if old.forward_listen != new.forward_listen {
+            keys.push("forward_listen");
+        }
+        if old.reverse_listen != new.reverse_listen {
+            keys.push("reverse_listen");
+        }
+        if old.socketmap_listen != new.socketmap_listen {
+            keys.push("socketmap_listen");
+        }
+        keys
+    }
+}
+
+/// Which way a lookup goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Sender rewriting.
+    Forward,
+    /// Bounce recipient restoring.
+    Reverse,
+}
+
+impl Srsd {
+    /// One lookup, logged and counted.
+    pub fn lookup(
+        &self,
+        direction: Direction,
+        address: &str,
+        unix: u64,
+        peer: &PeerAddr,
+    ) -> Outcome {
+        let outcome = match direction {
+            Direction::Forward => self.rewriter.forward(address, unix),
+            Direction::Reverse => self.rewriter.reverse(address, unix),
+        };
+        let way = if direction == Direction::Forward {
+            "forward"
+        } else {
+            "reverse"
+        };
+        match &outcome {
+            Outcome::Rewritten(to) => {
+                info!(%peer, direction = way, from = address, to = to.as_str(), "rewritten")
+            }
+            Outcome::Refused(err) => {
+                warn!(%peer, direction = way, address, reason = %err, "not rewritten: SRS address does not verify")
+            }
+            Outcome::Unchanged(_) => {}
+        }
+        let result = match &outcome {
+            Outcome::Rewritten(_) => "rewritten",
+            Outcome::Unchanged(_) => "unchanged",
+            Outcome::Refused(_) => "refused",
+        };
+        metrics::counter!("postern_srsd_lookups_total", "direction" => way, "result" => result)
+            .increment(1);
+        outcome
+    }
+}
+
+async fn serve_tcp_table(conn: Connection, live: watch::Receiver<Arc<Srsd>>, direction: Direction) {
+    let (reader, mut writer) = tokio::io::split(conn.stream);
+    let mut frames = FramedRead::new(reader, tcp_table::TcpTableDecoder::default());
+    loop {
+        let reply = match serve::next_frame(&mut frames, conn.idle_timeout, &conn.shutdown).await {
+            NextFrame::Frame(tcp_table::Request::Get(key)) => {
+                match live
+                    .borrow()
+                    .clone()
+                    .lookup(direction, &key, SystemClock.unix(), &conn.peer)
+                {
+                    Outcome::Rewritten(address) => tcp_table::Reply::Found(address),
+                    Outcome::Unchanged(reason) => tcp_table::Reply::NotFound(reason.to_owned()),
+                    Outcome::Refused(err) => tcp_table::Reply::NotFound(err.to_string()),
+                }
+            }
+            NextFrame::Frame(tcp_table::Request::Invalid(reason)) => {
+                warn!(peer = %conn.peer, reason, "invalid tcp_table request");
+                tcp_table::Reply::Error(reason)
+            }
+            NextFrame::Error(err) => {
+                warn!(peer = %conn.peer, error = %err, "bad tcp_table input; closing connection");
+                let _ = writer
+                    .write_all(&tcp_table::Reply::Error(err.to_string()).encode())
+                    .await;
+                return;
+            }
+            NextFrame::Closed | NextFrame::Idle | NextFrame::Shutdown => return,
+        };
+        if writer.write_all(&reply.encode()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn serve_socketmap(conn: Connection, live: watch::Receiver<Arc<Srsd>>) {
+    let (reader, mut writer) = tokio::io::split(conn.stream);
+    let mut frames = FramedRead::new(reader, socketmap::SocketmapDecoder);
+    loop {
+        let reply = match serve::next_frame(&mut frames, conn.idle_timeout, &conn.shutdown).await {
+            NextFrame::Frame(socketmap::Request::Lookup { map, key }) => {
+                let direction = match map.as_str() {
+                    "forward" => Some(Direction::Forward),
+                    "reverse" => Some(Direction::Reverse),
+                    _ => None,
+                };
+                match direction {
+                    Some(direction) => match live.borrow().clone().lookup(
+                        direction,
+                        &key,
+                        SystemClock.unix(),
+                        &conn.peer,
+                    ) {
+                        Outcome::Rewritten(address) => socketmap::Reply::Ok(address),
+                        Outcome::Unchanged(_) | Outcome::Refused(_) => socketmap::Reply::NotFound,
+                    },
+                    None => {
+                        warn!(peer = %conn.peer, map, "unknown socketmap map name");
+                        socketmap::Reply::Perm(format!("Unknown map {map:?}."))
+                    }
+                }
+            }
+            NextFrame::Frame(socketmap::Request::Invalid(reason)) => socketmap::Reply::Perm(reason),
+            NextFrame::Error(err) => {
+                warn!(peer = %conn.peer, error = %err, "bad socketmap input; closing connection");
+                let _ = writer
+                    .write_all(&socketmap::Reply::Perm(err.to_string()).encode())
+                    .await;
+                return;
+            }
+            NextFrame::Closed | NextFrame::Idle | NextFrame::Shutdown => return,
+        };
+        if writer.write_all(&reply.encode()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Serves the configured listeners until shutdown.
+pub async fn run(ctx: DaemonContext<Srsd>) -> anyhow::Result<()> {
+    let config = ctx.config.clone();
+    let mode = config.socket_mode_bits()?;
+    let options = ServeOptions {
+        max_connections: config.max_connections,
+        idle_timeout: config.idle_timeout.get(),
+        ..ServeOptions::default()
+    };
+    async fn bind(spec: &ListenSpec, mode: u32) -> anyhow::Result<Listener> {
+        Listener::bind(spec, mode)
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot listen on {spec}: {err}"))
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (spec, direction) in [
+        (&config.forward_listen, Direction::Forward),
+        (&config.reverse_listen, Direction::Reverse),
+    ] {
+        if let Some(spec) = spec {
+            let listener = bind(spec, mode).await?;
+            let live = ctx.live.clone();
+            tasks.spawn(serve::serve(
+                listener,
+                options,
+                ctx.shutdown.clone(),
+                move |conn| serve_tcp_table(conn, live.clone(), direction),
+            ));
+        }
+    }
+    if let Some(spec) = &config.socketmap_listen {
+        let listener = bind(spec, mode).await?;
+        let live = ctx.live.clone();
+        tasks.spawn(serve::serve(
+            listener,
+            options,
+            ctx.shutdown.clone(),
+            move |conn| serve_socketmap(conn, live.clone()),
+        ));
+    }
+    // postsrsd 2.x watches its domains file; a cheap mtime poll does the same without inotify.
+    let live = ctx.live.clone();
+    let shutdown = ctx.shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        while !shutdown.is_cancelled() {
+            tokio::select! { _ = tick.tick() => {}, () = shutdown.cancelled() => break }
+            match live.borrow().rewriter.refresh_domains() {
+                Some(Ok(count)) => info!(count, "domains file changed; reloaded"),
+                Some(Err(err)) => {
+                    warn!(error = %err, "domains file changed but cannot be read; keeping the old list")
+                }
+                None => {}
+            }
+        }
+    });
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    Ok(())
+}

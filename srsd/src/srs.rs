@@ -1,0 +1,392 @@
+//! The Sender Rewriting Scheme exactly as postsrsd (libsrs2) writes it, so that addresses in
+//! flight keep bouncing back after a switch: same hash, same timestamp, same SRS1 wrapping.
+//! Pure: the time comes in as an argument, the secrets as bytes.
+
+use base64::Engine as _;
+use hmac::{Hmac, KeyInit, Mac};
+
+/// libsrs2's compiled-in maximum age of a timestamp, in days.
+pub const MAX_AGE_DAYS: u64 = 21;
+/// Timestamps count days modulo this.
+const TIMESTAMP_DAYS: u64 = 1024;
+const BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+
+/// The base64 alphabet of the hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HashAlphabet {
+    /// `A-Za-z0-9-_`, postsrsd 2.2.6 and later (a `/` upset several receivers).
+    #[default]
+    Base64url,
+    /// `A-Za-z0-9+/`, postsrsd 1.x and 2.x up to 2.2.5.
+    Base64,
+}
+
+/// The signing and verifying settings.
+#[derive(Debug, Clone)]
+pub struct Srs {
+    /// Secrets: the first signs, every one verifies.
+    pub secrets: Vec<Vec<u8>>,
+    /// The character after `SRS0`/`SRS1` in addresses we write: `=`, `+` or `-`.
+    pub separator: char,
+    /// Characters of hash written.
+    pub hash_length: usize,
+    /// Fewest hash characters accepted when verifying.
+    pub hash_minimum: usize,
+    /// The hash alphabet written.
+    pub alphabet: HashAlphabet,
+}
+
+/// Why an address does not reverse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReverseError {
+    /// Not an SRS address at all.
+    #[error("not an SRS address")]
+    NotSrs,
+    /// SRS-shaped but with missing fields.
+    #[error("malformed SRS address")]
+    Malformed,
+    /// The timestamp is not two base32 characters.
+    #[error("bad timestamp")]
+    BadTimestamp,
+    /// Older than [`MAX_AGE_DAYS`] (or from the future).
+    #[error("timestamp expired")]
+    Expired,
+    /// Shorter than `hash_minimum`.
+    #[error("hash too short")]
+    HashTooShort,
+    /// No secret produces this hash: forged, or signed with a secret we no longer have.
+    #[error("hash does not verify")]
+    BadHash,
+}
+
+/// The day-number stamp of `unix` seconds: 2 base32 characters, high bits first.
+pub fn timestamp(unix: u64) -> String {
+    let day = (unix / 86_400) % TIMESTAMP_DAYS;
+    let hi = BASE32[usize::try_from((day >> 5) & 31).unwrap_or(0)];
+    let lo = BASE32[usize::try_from(day & 31).unwrap_or(0)];
+    String::from_utf8(vec![hi, lo]).unwrap_or_default()
+}
+
+fn base32_value(c: u8) -> Option<u64> {
+    let upper = c.to_ascii_uppercase();
+    BASE32
+        .iter()
+        .position(|&b| b == upper)
+        .and_then(|p| u64::try_from(p).ok())
+}
+
+/// Checks a stamp against `unix`: at most [`MAX_AGE_DAYS`] old, counting modulo 1024 days.
+pub fn check_timestamp(stamp: &str, unix: u64) -> Result<(), ReverseError> {
+    let bytes = stamp.as_bytes();
+    if bytes.len() != 2 {
+        return Err(ReverseError::BadTimestamp);
+    }
+    let then = base32_value(bytes[0])
+        .zip(base32_value(bytes[1]))
+        .map(|(hi, lo)| (hi << 5) | lo)
+        .ok_or(ReverseError::BadTimestamp)?;
+    let today = (unix / 86_400) % TIMESTAMP_DAYS;
+    let age = (today + TIMESTAMP_DAYS - then) % TIMESTAMP_DAYS;
+    if age <= MAX_AGE_DAYS {
+        Ok(())
+    } else {
+        Err(ReverseError::Expired)
+    }
+}
+
+/// base64's `+`/`-` and `/`/`_` are the same character to the verifier, and case is ignored
+/// (some MTAs lower-case local parts).
+fn hash_char_eq(a: u8, b: u8) -> bool {
+    let fold = |c: u8| match c {
+        b'-' => b'+',
+        b'_' => b'/',
+        other => other.to_ascii_lowercase(),
+    };
+    fold(a) == fold(b)
+}
+
+impl Srs {
+    fn hash_with(&self, secret: &[u8], parts: &[&str]) -> String {
+        let Ok(mut mac) = Hmac::<sha1::Sha1>::new_from_slice(secret) else {
+            return String::new();
+        };
+        for part in parts {
+            mac.update(part.to_ascii_lowercase().as_bytes());
+        }
+        let digest = mac.finalize().into_bytes();
+        let encoded = match self.alphabet {
+            HashAlphabet::Base64 => base64::engine::general_purpose::STANDARD.encode(digest),
+            HashAlphabet::Base64url => base64::engine::general_purpose::URL_SAFE.encode(digest),
+        };
+        encoded.chars().take(self.hash_length).collect()
+    }
+
+    fn sign(&self, parts: &[&str]) -> String {
+        self.hash_with(self.secrets.first().map_or(&[][..], Vec::as_slice), parts)
+    }
+
+    fn verify(&self, given: &str, parts: &[&str]) -> Result<(), ReverseError> {
+        if given.len() < self.hash_minimum {
+            return Err(ReverseError::HashTooShort);
+        }
+        let compared = given.len().min(self.hash_length);
+        let given = &given.as_bytes()[..compared];
+        let matches = self.secrets.iter().any(|secret| {
+            let expected = self.hash_with(secret, parts);
+            expected.len() >= compared
+                && expected.as_bytes()[..compared]
+                    .iter()
+                    .zip(given)
+                    .all(|(&a, &b)| hash_char_eq(a, b))
+        });
+        if matches {
+            Ok(())
+        } else {
+            Err(ReverseError::BadHash)
+        }
+    }
+
+    /// Rewrites `local@domain` (a sender from a foreign domain) into an address at `srs_domain`.
+    /// An SRS0 or SRS1 address from another forwarder becomes SRS1, as libsrs2 does.
+    pub fn forward(&self, local: &str, domain: &str, srs_domain: &str, unix: u64) -> String {
+        match split_srs(local) {
+            Some((kind, rest)) => {
+                // rest starts at the separator: "=HHHH=TT=host=user" (SRS0) or "=HHHH=host==rest" (SRS1).
+                let (host, user) = if kind == b'0' {
+                    (domain.to_owned(), rest.to_owned())
+                } else {
+                    match rest[1..]
+                        .split_once('=')
+                        .and_then(|(_hash, after)| after.split_once('='))
+                    {
+                        Some((host, user)) => (host.to_owned(), user.to_owned()),
+                        None => return self.forward_plain(local, domain, srs_domain, unix),
+                    }
+                };
+                let hash = self.sign(&[&host, &user]);
+                format!("SRS1{}{hash}={host}={user}@{srs_domain}", self.separator)
+            }
+            None => self.forward_plain(local, domain, srs_domain, unix),
+        }
+    }
+
+    fn forward_plain(&self, local: &str, domain: &str, srs_domain: &str, unix: u64) -> String {
+        let stamp = timestamp(unix);
+        let hash = self.sign(&[&stamp, domain, local]);
+        format!(
+            "SRS0{}{hash}={stamp}={domain}={local}@{srs_domain}",
+            self.separator
+        )
+    }
+
+    /// Turns an SRS local part back into the address it stands for (the domain after `@` is not
+    /// looked at, as libsrs2). SRS1 goes back to the SRS0 address of the previous forwarder.
+    pub fn reverse(&self, local: &str, unix: u64) -> Result<String, ReverseError> {
+        let (kind, rest) = split_srs(local).ok_or(ReverseError::NotSrs)?;
+        let fields = &rest[1..];
+        if kind == b'0' {
+            let mut parts = fields.splitn(4, '=');
+            let (Some(hash), Some(stamp), Some(host), Some(user)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(ReverseError::Malformed);
+            };
+            if hash.is_empty() || host.is_empty() || user.is_empty() {
+                return Err(ReverseError::Malformed);
+            }
+            check_timestamp(stamp, unix)?;
+            self.verify(hash, &[stamp, host, user])?;
+            Ok(format!("{user}@{host}"))
+        } else {
+            let (hash, after) = fields.split_once('=').ok_or(ReverseError::Malformed)?;
+            let (host, user) = after.split_once('=').ok_or(ReverseError::Malformed)?;
+            if hash.is_empty() || host.is_empty() || user.len() < 2 {
+                return Err(ReverseError::Malformed);
+            }
+            self.verify(hash, &[host, user])?;
+            Ok(format!("SRS0{user}@{host}"))
+        }
+    }
+}
+
+/// `Some((b'0' | b'1', rest-from-the-separator))` when `local` starts with `SRS0`/`SRS1` and a
+/// separator (`=`, `+`, `-`), case-insensitively.
+pub fn split_srs(local: &str) -> Option<(u8, &str)> {
+    let bytes = local.as_bytes();
+    if bytes.len() < 5 || !bytes[..3].eq_ignore_ascii_case(b"SRS") {
+        return None;
+    }
+    let kind = bytes[3];
+    if (kind == b'0' || kind == b'1') && matches!(bytes[4], b'=' | b'+' | b'-') {
+        Some((kind, &local[4..]))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// 2020-01-01T00:01:00Z, the time of postsrsd's published vectors.
+    const T: u64 = 1_577_836_860;
+
+    fn srs(alphabet: HashAlphabet) -> Srs {
+        Srs {
+            secrets: vec![b"tops3cr3t".to_vec()],
+            separator: '=',
+            hash_length: 4,
+            hash_minimum: 4,
+            alphabet,
+        }
+    }
+
+    #[test]
+    fn published_postsrsd_vectors() {
+        assert_eq!(timestamp(T), "2W");
+        for alphabet in [HashAlphabet::Base64, HashAlphabet::Base64url] {
+            let s = srs(alphabet);
+            assert_eq!(
+                s.forward("test", "otherdomain.com", "example.com", T),
+                "SRS0=vmyz=2W=otherdomain.com=test@example.com"
+            );
+            assert_eq!(
+                s.forward(
+                    "SRS0=vmyz=2W=otherdomain.com=test",
+                    "example.com",
+                    "example.net",
+                    T
+                ),
+                "SRS1=JO9m=example.com==vmyz=2W=otherdomain.com=test@example.net"
+            );
+        }
+        assert_eq!(
+            srs(HashAlphabet::Base64url).forward("sender", "otherdomain.com", "example.com", T),
+            "SRS0=9KJ-=2W=otherdomain.com=sender@example.com"
+        );
+        assert_eq!(
+            srs(HashAlphabet::Base64).forward("sender", "otherdomain.com", "example.com", T),
+            "SRS0=9KJ+=2W=otherdomain.com=sender@example.com"
+        );
+    }
+
+    #[test]
+    fn reverse_accepts_either_alphabet_case_and_every_secret() {
+        let mut s = srs(HashAlphabet::Base64);
+        assert_eq!(
+            s.reverse("SRS0=9KJ+=2W=otherdomain.com=sender", T).unwrap(),
+            "sender@otherdomain.com"
+        );
+        assert_eq!(
+            s.reverse("SRS0=9kj-=2w=otherdomain.com=sender", T).unwrap(),
+            "sender@otherdomain.com"
+        );
+        assert_eq!(
+            s.reverse("srs0=VMYZ=2W=otherdomain.com=test", T).unwrap(),
+            "test@otherdomain.com"
+        );
+        assert_eq!(
+            s.reverse("SRS1=JO9m=example.com==vmyz=2W=otherdomain.com=test", T)
+                .unwrap(),
+            "SRS0=vmyz=2W=otherdomain.com=test@example.com"
+        );
+        s.secrets.insert(0, b"new secret".to_vec());
+        assert_eq!(
+            s.reverse("SRS0=vmyz=2W=otherdomain.com=test", T).unwrap(),
+            "test@otherdomain.com"
+        );
+        s.secrets.truncate(1);
+        assert_eq!(
+            s.reverse("SRS0=vmyz=2W=otherdomain.com=test", T),
+            Err(ReverseError::BadHash)
+        );
+    }
+
+    #[test]
+    fn forged_expired_and_malformed_are_refused() {
+        let s = srs(HashAlphabet::Base64url);
+        assert_eq!(
+            s.reverse("SRS0=abcd=2W=otherdomain.com=test", T),
+            Err(ReverseError::BadHash)
+        );
+        assert_eq!(
+            s.reverse("SRS0=vmy=2W=otherdomain.com=test", T),
+            Err(ReverseError::HashTooShort)
+        );
+        assert_eq!(
+            s.reverse("SRS0=vmyz=2W=otherdomain.com=test", T + 22 * 86_400),
+            Err(ReverseError::Expired)
+        );
+        assert_eq!(
+            s.reverse("SRS0=vmyz=2W=otherdomain.com=test", T + 21 * 86_400),
+            Ok("test@otherdomain.com".into())
+        );
+        // A stamp from the future is as bad as an old one (it wraps to ~1000 days old).
+        assert_eq!(
+            s.reverse("SRS0=vmyz=2W=otherdomain.com=test", T - 86_400),
+            Err(ReverseError::Expired)
+        );
+        assert_eq!(
+            s.reverse("SRS0=vmyz=2!=otherdomain.com=test", T),
+            Err(ReverseError::BadTimestamp)
+        );
+        assert_eq!(
+            s.reverse("SRS0=vmyz=2W=otherdomain.com", T),
+            Err(ReverseError::Malformed)
+        );
+        assert_eq!(s.reverse("SRS0==2W=a=b", T), Err(ReverseError::Malformed));
+        assert_eq!(s.reverse("alice", T), Err(ReverseError::NotSrs));
+        assert_eq!(s.reverse("SRS2=x=y", T), Err(ReverseError::NotSrs));
+        assert_eq!(s.reverse("SRS1=abcd=host", T), Err(ReverseError::Malformed));
+    }
+
+    #[test]
+    fn timestamps_wrap_modulo_1024_days() {
+        let day = 86_400;
+        let wrap_start = 1023 * day; // stamp "77" (day 1023)
+        assert_eq!(timestamp(wrap_start), "77");
+        assert_eq!(timestamp(1024 * day), "AA");
+        assert_eq!(check_timestamp("77", 1024 * day + 5 * day), Ok(()));
+        assert_eq!(
+            check_timestamp("77", 1024 * day + 21 * day),
+            Err(ReverseError::Expired)
+        );
+    }
+
+    #[test]
+    fn other_separators_and_hash_lengths() {
+        let mut s = srs(HashAlphabet::Base64url);
+        s.separator = '+';
+        s.hash_length = 8;
+        let out = s.forward("bob", "b.example", "fwd.example", T);
+        assert!(out.starts_with("SRS0+"), "{out}");
+        let local = out.split('@').next().unwrap();
+        assert_eq!(local.split('=').next().unwrap().len(), 4 + 1 + 8);
+        assert_eq!(s.reverse(local, T).unwrap(), "bob@b.example");
+    }
+
+    proptest! {
+        #[test]
+        fn reverse_undoes_forward(
+            local in "[a-zA-Z0-9._+-]{1,30}",
+            domain in "[a-z0-9-]{1,20}\\.[a-z]{2,6}",
+            unix in 0u64..4_000_000_000,
+            age_days in 0u64..=21,
+            url in any::<bool>(),
+        ) {
+            prop_assume!(split_srs(&local).is_none());
+            let s = srs(if url { HashAlphabet::Base64url } else { HashAlphabet::Base64 });
+            let address = s.forward(&local, &domain, "fwd.example", unix);
+            let srs_local = address.rsplit_once('@').unwrap().0;
+            prop_assert_eq!(s.reverse(srs_local, unix + age_days * 86_400).unwrap(), format!("{local}@{domain}"));
+            // Any change to the hash is caught.
+            let forged = srs_local.replacen(&srs_local[5..9], "zzzz", 1);
+            if !srs_local[5..9].eq_ignore_ascii_case("zzzz") {
+                prop_assert!(s.reverse(&forged, unix).is_err());
+            }
+            prop_assert_eq!(s.reverse(srs_local, unix + 22 * 86_400), Err(ReverseError::Expired));
+        }
+    }
+}
