@@ -1,1 +1,5 @@
-//! placeholder
+//! postern-milter: a Postfix milter for DKIM signing and verification (replacing opendkim) and
+//! DMARC with aggregate reports (replacing opendmarc).
+
+pub mod config;
+pub mod server;
