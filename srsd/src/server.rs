@@ -14,7 +14,7 @@ use postern_common::serve::{self, Connection, NextFrame, ServeOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio_util::codec::FramedRead;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::SrsdConfig;
 use crate::proto::{socketmap, tcp_table};
@@ -136,7 +136,9 @@ impl Srsd {
             Outcome::Refused(err) => {
                 warn!(%peer, direction = way, address, reason = %err, "not rewritten: SRS address does not verify")
             }
-            Outcome::Unchanged(_) => {}
+            Outcome::Unchanged(reason) => {
+                debug!(%peer, direction = way, address, reason, "not rewritten")
+            }
         }
         let result = match &outcome {
             Outcome::Rewritten(_) => "rewritten",
