@@ -209,7 +209,12 @@ impl Drop for Sink {
 impl Sink {
     /// Starts on 127.0.0.1 at a free port.
     pub async fn start() -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on("127.0.0.1:0".parse()?).await
+    }
+
+    /// Starts on a given address.
+    pub async fn start_on(addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let messages = Arc::new(Mutex::new(Vec::new()));
         let store = messages.clone();
