@@ -83,7 +83,22 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let program = format!("postern-{}", D::Config::DAEMON);
-    let (config, daemon, used) = match load_and_build::<D>(args.config.as_deref()) {
+    // The runtime comes first: building the state may set up pools that need its context.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("{program}: cannot start the runtime: {err}");
+            return ExitCode::from(EX_RUNTIME);
+        }
+    };
+    let loaded = {
+        let _context = runtime.enter();
+        load_and_build::<D>(args.config.as_deref())
+    };
+    let (config, daemon, used) = match loaded {
         Ok(loaded) => loaded,
         Err(err) => {
             eprintln!("{program}: {err}");
@@ -107,16 +122,6 @@ where
         }
     }
     crate::logging::init(config.log());
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("{program}: cannot start the runtime: {err}");
-            return ExitCode::from(EX_RUNTIME);
-        }
-    };
     let code = runtime.block_on(async move {
         if let Err(err) = crate::metrics::install(config.metrics(), D::Config::DAEMON) {
             error!("{err}");

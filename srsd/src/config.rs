@@ -39,6 +39,13 @@ pub struct SrsdConfig {
     pub always_rewrite: bool,
     /// "base64url" (postsrsd 2.2.6 and later) or "base64" (1.x, 2.x up to 2.2.5).
     pub hash_alphabet: HashAlphabet,
+    /// "embedded" (the sender is inside the SRS address, as always) or "database" (postsrsd
+    /// 2.x `original-envelope = database`: the sender is stored and the address carries a
+    /// 32-character key, so long senders stay within 64 octets).
+    pub original_envelope: OriginalEnvelope,
+    /// The store for "database" mode: "sqlite:PATH" or "redis://HOST:PORT" (several MX hosts
+    /// share it). Empty: sqlite under state_dir.
+    pub envelope_database: String,
     /// tcp_table forward map (sender_canonical_maps = tcp:127.0.0.1:10001); "off" disables it.
     #[serde(with = "optional_listen")]
     pub forward_listen: Option<ListenSpec>,
@@ -81,6 +88,8 @@ impl Default for SrsdConfig {
             hash_minimum: 4,
             secrets_file: None,
             always_rewrite: false,
+            original_envelope: OriginalEnvelope::Embedded,
+            envelope_database: String::new(),
             hash_alphabet: HashAlphabet::Base64url,
             forward_listen: inet(10001),
             reverse_listen: inet(10002),
@@ -95,7 +104,27 @@ impl Default for SrsdConfig {
     }
 }
 
+/// Where the original sender lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OriginalEnvelope {
+    /// Inside the SRS address.
+    #[default]
+    Embedded,
+    /// In the envelope database, under a key the SRS address carries.
+    Database,
+}
+
 impl SrsdConfig {
+    /// The envelope database URL actually used.
+    pub fn effective_envelope_database(&self) -> String {
+        if self.envelope_database.trim().is_empty() {
+            format!("sqlite:{}", self.state_dir.join("envelopes.db").display())
+        } else {
+            self.envelope_database.trim().to_owned()
+        }
+    }
+
     /// `separator` as a character.
     pub fn separator_char(&self) -> Result<char, ConfigError> {
         match self.separator.as_str() {
@@ -277,6 +306,20 @@ pub fn import_postsrsd(text: &str) -> Result<String, String> {
                 config.forward_listen = None;
                 config.reverse_listen = None;
             }
+            "original-envelope" => {
+                config.original_envelope = if value == "database" {
+                    OriginalEnvelope::Database
+                } else {
+                    OriginalEnvelope::Embedded
+                }
+            }
+            "envelope-database" => {
+                // postsrsd writes "sqlite:./file" or "redis:host:port".
+                config.envelope_database = match value.strip_prefix("redis:") {
+                    Some(rest) if !rest.starts_with("//") => format!("redis://{rest}"),
+                    _ => value.to_owned(),
+                };
+            }
             "always-rewrite" => config.always_rewrite = matches!(value, "on" | "true" | "yes"),
             other => notes.push(format!("# not converted: {other} = {value}")),
         }
@@ -386,5 +429,9 @@ mod tests {
         assert!(config.forward_listen.is_none());
         assert_eq!(config.hash_length, 6);
         assert_eq!(config.hash_alphabet, HashAlphabet::Base64url);
+        let conf3 = "srs-domain = example.com\noriginal-envelope = database\nenvelope-database = \"redis:localhost:6379\"\n";
+        let config: SrsdConfig = toml::from_str(&import_postsrsd(conf3).unwrap()).unwrap();
+        assert_eq!(config.original_envelope, OriginalEnvelope::Database);
+        assert_eq!(config.envelope_database, "redis://localhost:6379");
     }
 }

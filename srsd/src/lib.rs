@@ -2,6 +2,7 @@
 //! tcp_table (postsrsd 1.x) and socketmap (postsrsd 2.x).
 
 pub mod config;
+pub mod envelope_db;
 pub mod proto;
 pub mod rewrite;
 pub mod server;

@@ -68,6 +68,8 @@ pub enum Outcome {
     Unchanged(&'static str),
     /// An SRS address that does not verify: left alone, and worth a log line.
     Refused(ReverseError),
+    /// The envelope database failed: a temporary error, so Postfix tries again later.
+    Unavailable(String),
 }
 
 /// Forward and reverse rewriting with postsrsd's rules.
@@ -144,21 +146,31 @@ impl Rewriter {
                 .unwrap_or(false)
     }
 
-    /// The envelope sender of forwarded mail, rewritten.
-    pub fn forward(&self, address: &str, unix: u64) -> Outcome {
+    /// Whether a sender is to be rewritten: its local part and domain, or why not.
+    pub fn forward_target<'a>(&self, address: &'a str) -> Result<(&'a str, &'a str), &'static str> {
         let Some((local, domain)) = address.rsplit_once('@') else {
-            return Outcome::Unchanged("No domain.");
+            return Err("No domain.");
         };
         if local.is_empty() || domain.is_empty() {
-            return Outcome::Unchanged("No domain.");
+            return Err("No domain.");
         }
         if domain.eq_ignore_ascii_case(&self.srs_domain) && crate::srs::split_srs(local).is_some() {
-            return Outcome::Unchanged("Already rewritten.");
+            return Err("Already rewritten.");
         }
         if !self.always_rewrite && self.is_local(domain) {
-            return Outcome::Unchanged("Need not rewrite local domain.");
+            return Err("Need not rewrite local domain.");
         }
-        Outcome::Rewritten(self.srs.forward(local, domain, &self.srs_domain, unix))
+        Ok((local, domain))
+    }
+
+    /// The envelope sender of forwarded mail, rewritten.
+    pub fn forward(&self, address: &str, unix: u64) -> Outcome {
+        match self.forward_target(address) {
+            Ok((local, domain)) => {
+                Outcome::Rewritten(self.srs.forward(local, domain, &self.srs_domain, unix))
+            }
+            Err(reason) => Outcome::Unchanged(reason),
+        }
     }
 
     /// A bounce recipient, restored to the original sender.

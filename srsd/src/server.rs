@@ -16,7 +16,8 @@ use tokio::sync::watch;
 use tokio_util::codec::FramedRead;
 use tracing::{debug, info, warn};
 
-use crate::config::SrsdConfig;
+use crate::config::{OriginalEnvelope, SrsdConfig};
+use crate::envelope_db::{self, EnvelopeStore};
 use crate::proto::{socketmap, tcp_table};
 use crate::rewrite::{Outcome, Rewriter};
 use crate::srs::Srs;
@@ -28,6 +29,8 @@ pub struct Srsd {
     pub config: Arc<SrsdConfig>,
     /// The rewriter.
     pub rewriter: Rewriter,
+    /// The envelope database, in "database" mode.
+    pub store: Option<EnvelopeStore>,
 }
 
 /// Reads the secrets file (one secret per line, CR/LF stripped, blank lines skipped), generating
@@ -84,7 +87,18 @@ impl Daemon for Srsd {
             config.domains_file.clone(),
         )
         .map_err(|e| ConfigError::invalid("domains_file", e.to_string()))?;
-        Ok(Self { config, rewriter })
+        let store = match config.original_envelope {
+            OriginalEnvelope::Embedded => None,
+            OriginalEnvelope::Database => Some(
+                EnvelopeStore::open(&config.effective_envelope_database())
+                    .map_err(|e| ConfigError::invalid("envelope_database", e.to_string()))?,
+            ),
+        };
+        Ok(Self {
+            config,
+            rewriter,
+            store,
+        })
     }
 
     fn restart_needed(old: &SrsdConfig, new: &SrsdConfig) -> Vec<&'static str> {
@@ -112,18 +126,55 @@ pub enum Direction {
 }
 
 impl Srsd {
+    async fn decide(&self, direction: Direction, address: &str, unix: u64) -> Outcome {
+        let Some(store) = &self.store else {
+            return match direction {
+                Direction::Forward => self.rewriter.forward(address, unix),
+                Direction::Reverse => self.rewriter.reverse(address, unix),
+            };
+        };
+        match direction {
+            Direction::Forward => match self.rewriter.forward_target(address) {
+                Err(reason) => Outcome::Unchanged(reason),
+                Ok(_) => {
+                    let key = envelope_db::key_for(address);
+                    match store.put(&key, address, unix).await {
+                        Ok(()) => Outcome::Rewritten(self.rewriter.srs.forward(
+                            &key,
+                            envelope_db::KEY_HOST,
+                            &self.rewriter.srs_domain,
+                            unix,
+                        )),
+                        Err(err) => Outcome::Unavailable(err.to_string()),
+                    }
+                }
+            },
+            Direction::Reverse => match self.rewriter.reverse(address, unix) {
+                Outcome::Rewritten(original) => {
+                    match original.strip_suffix(&format!("@{}", envelope_db::KEY_HOST)) {
+                        // Addresses written before database mode was switched on still carry the sender.
+                        None => Outcome::Rewritten(original),
+                        Some(key) => match store.get(key, unix).await {
+                            Ok(Some(stored)) => Outcome::Rewritten(stored),
+                            Ok(None) => Outcome::Unchanged("Unknown or expired database key."),
+                            Err(err) => Outcome::Unavailable(err.to_string()),
+                        },
+                    }
+                }
+                other => other,
+            },
+        }
+    }
+
     /// One lookup, logged and counted.
-    pub fn lookup(
+    pub async fn lookup(
         &self,
         direction: Direction,
         address: &str,
         unix: u64,
         peer: &PeerAddr,
     ) -> Outcome {
-        let outcome = match direction {
-            Direction::Forward => self.rewriter.forward(address, unix),
-            Direction::Reverse => self.rewriter.reverse(address, unix),
-        };
+        let outcome = self.decide(direction, address, unix).await;
         let way = if direction == Direction::Forward {
             "forward"
         } else {
@@ -139,11 +190,15 @@ impl Srsd {
             Outcome::Unchanged(reason) => {
                 debug!(%peer, direction = way, address, reason, "not rewritten")
             }
+            Outcome::Unavailable(reason) => {
+                warn!(%peer, direction = way, address, reason = reason.as_str(), "envelope database unavailable; answering with a temporary error")
+            }
         }
         let result = match &outcome {
             Outcome::Rewritten(_) => "rewritten",
             Outcome::Unchanged(_) => "unchanged",
             Outcome::Refused(_) => "refused",
+            Outcome::Unavailable(_) => "unavailable",
         };
         metrics::counter!("postern_srsd_lookups_total", "direction" => way, "result" => result)
             .increment(1);
@@ -157,14 +212,16 @@ async fn serve_tcp_table(conn: Connection, live: watch::Receiver<Arc<Srsd>>, dir
     loop {
         let reply = match serve::next_frame(&mut frames, conn.idle_timeout, &conn.shutdown).await {
             NextFrame::Frame(tcp_table::Request::Get(key)) => {
-                match live
-                    .borrow()
-                    .clone()
+                let srsd = live.borrow().clone();
+                match srsd
                     .lookup(direction, &key, SystemClock.unix(), &conn.peer)
+                    .await
                 {
                     Outcome::Rewritten(address) => tcp_table::Reply::Found(address),
                     Outcome::Unchanged(reason) => tcp_table::Reply::NotFound(reason.to_owned()),
                     Outcome::Refused(err) => tcp_table::Reply::NotFound(err.to_string()),
+                    // tcp_table(5): 400 is a temporary failure; Postfix defers the message.
+                    Outcome::Unavailable(reason) => tcp_table::Reply::Error(reason),
                 }
             }
             NextFrame::Frame(tcp_table::Request::Invalid(reason)) => {
@@ -197,15 +254,15 @@ async fn serve_socketmap(conn: Connection, live: watch::Receiver<Arc<Srsd>>) {
                     "reverse" => Some(Direction::Reverse),
                     _ => None,
                 };
+                let srsd = live.borrow().clone();
                 match direction {
-                    Some(direction) => match live.borrow().clone().lookup(
-                        direction,
-                        &key,
-                        SystemClock.unix(),
-                        &conn.peer,
-                    ) {
+                    Some(direction) => match srsd
+                        .lookup(direction, &key, SystemClock.unix(), &conn.peer)
+                        .await
+                    {
                         Outcome::Rewritten(address) => socketmap::Reply::Ok(address),
                         Outcome::Unchanged(_) | Outcome::Refused(_) => socketmap::Reply::NotFound,
+                        Outcome::Unavailable(reason) => socketmap::Reply::Temp(reason),
                     },
                     None => {
                         warn!(peer = %conn.peer, map, "unknown socketmap map name");
