@@ -42,7 +42,7 @@ impl Worker for MilterWorker {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let raw = match &args.message {

@@ -74,7 +74,7 @@ impl Worker for PolicyWorker {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = std::sync::Arc::new(Args::parse());
     // Distinct triplets per run so that "new" stays new across runs.

@@ -39,7 +39,7 @@ impl Worker for MapWorker {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let map = args.map.clone();

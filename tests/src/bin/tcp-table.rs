@@ -36,7 +36,7 @@ impl Worker for TableWorker {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let keys = std::sync::Arc::new(args.key.clone());
