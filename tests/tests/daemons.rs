@@ -421,3 +421,40 @@ fn milter_passes_mail_and_survives_malformed_packets_and_silence() {
         ));
     });
 }
+
+#[test]
+fn metrics_endpoint_counts_requests() {
+    let (port, metrics) = (free_port(), free_port());
+    let _policyd = DaemonProcess::start(
+        "policyd",
+        &format!("state_dir = \"@STATE@\"\n[[listen]]\naddress = \"inet:127.0.0.1:{port}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"),
+        &[port, metrics],
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = PolicyClient::connect(&target(port)).await.unwrap();
+        for _ in 0..3 {
+            client
+                .ask(&[("request", "smtpd_access_policy")])
+                .await
+                .unwrap();
+        }
+    });
+    let mut http = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let body =
+        String::from_utf8_lossy(&read_to_close(&mut http, Duration::from_secs(5))).into_owned();
+    assert!(
+        body.starts_with("HTTP/1.") && body.contains(" 200 "),
+        "{body}"
+    );
+    assert!(
+        body.lines().any(
+            |l| l.starts_with("postern_policyd_requests_total{daemon=\"policyd\"} ")
+                && l.ends_with(" 3")
+        ),
+        "{body}"
+    );
+}

@@ -55,6 +55,9 @@ async fn start_postfix(d: &Daemons) -> PostfixInstance {
         // Bounces come back to the SRS domain; cleanup's recipient_canonical_maps turns them
         // into the original sender's address, which is relayed to the sink.
         .relay_domains("dest.example, test.example")
+        // A forwarding address: fwd@alias.example goes on to dave@dest.example.
+        .main_cf("virtual_alias_domains = alias.example")
+        .main_cf("virtual_alias_maps = inline:{ fwd@alias.example=dave@dest.example }")
         .start()
         .await
         .unwrap()
