@@ -8,6 +8,9 @@ use postern_common::config::{
 use postern_common::listen::ListenSpec;
 use serde::{Deserialize, Serialize};
 
+use crate::dkim::DkimConfig;
+use crate::dmarc::DmarcConfig;
+
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -26,6 +29,10 @@ pub struct MilterConfig {
     pub max_connections: usize,
     /// An MTA connection silent this long is closed (libmilter's default is 7210 s).
     pub connection_timeout: ConfigDuration,
+    /// DKIM signing and verification (opendkim's options).
+    pub dkim: DkimConfig,
+    /// DMARC evaluation and aggregate reports (opendmarc's options).
+    pub dmarc: DmarcConfig,
     /// DNS resolver.
     pub dns: DnsConfig,
     /// Logging.
@@ -46,6 +53,8 @@ impl Default for MilterConfig {
             authserv_id: String::new(),
             max_connections: 100,
             connection_timeout: ConfigDuration::from_secs(7210),
+            dkim: DkimConfig::default(),
+            dmarc: DmarcConfig::default(),
             dns: DnsConfig::default(),
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
@@ -101,6 +110,8 @@ impl DaemonConfig for MilterConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.socket_mode_bits()?;
+        self.dkim.validate()?;
+        self.dmarc.validate()?;
         if self.max_connections == 0 {
             return Err(ConfigError::invalid(
                 "max_connections",

@@ -2,4 +2,7 @@
 //! DMARC with aggregate reports (replacing opendmarc).
 
 pub mod config;
+pub mod dkim;
+pub mod dmarc;
+pub mod reports;
 pub mod server;

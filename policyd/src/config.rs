@@ -8,6 +8,9 @@ use postern_common::config::{
 use postern_common::listen::ListenSpec;
 use serde::{Deserialize, Serialize};
 
+use crate::greylist::GreylistConfig;
+use crate::spf::SpfConfig;
+
 /// A policy check a listener can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -66,6 +69,10 @@ pub struct PolicydConfig {
     pub log: LogConfig,
     /// Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// Greylisting (postgrey's settings).
+    pub greylist: GreylistConfig,
+    /// SPF checks (policyd-spf's settings).
+    pub spf: SpfConfig,
 }
 
 impl Default for PolicydConfig {
@@ -85,6 +92,8 @@ impl Default for PolicydConfig {
             dns: DnsConfig::default(),
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
+            greylist: GreylistConfig::default(),
+            spf: SpfConfig::default(),
         }
     }
 }
@@ -125,6 +134,7 @@ impl DaemonConfig for PolicydConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.socket_mode_bits()?;
+        self.greylist.validate(&self.state_dir)?;
         if self.max_connections == 0 {
             return Err(ConfigError::invalid(
                 "max_connections",
@@ -185,6 +195,35 @@ mod tests {
                 "[[listen]]\naddress = \"inet:1.2.3.4:1\"\nchecks = [\"rbl\"]\n"
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn greylist_table_parses_and_refuses_unknown_keys() {
+        let config: PolicydConfig = toml::from_str(
+            "[greylist]\ndelay = \"2m\"\nmax_age = 3024000\nretry_window = \"12h\"\n\
+             auto_whitelist_clients = 0\nstore = \"redis://127.0.0.1:6379/1\"\n\
+             whitelist_clients = [\"/etc/postgrey/whitelist_clients\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.greylist.delay.as_secs(), 120);
+        assert_eq!(config.greylist.max_age.as_secs(), 35 * 86_400);
+        assert_eq!(config.greylist.retry_window.as_secs(), 12 * 3600);
+        config.validate().unwrap();
+        assert!(toml::from_str::<PolicydConfig>("[greylist]\ndelai = 300\n").is_err());
+        let bad: PolicydConfig = toml::from_str("[greylist]\nstore = \"mysql://db\"\n").unwrap();
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("greylist.store")
+        );
+        let bad: PolicydConfig = toml::from_str("[greylist]\nipv4_cidr = 33\n").unwrap();
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("greylist.ipv4_cidr")
         );
     }
 

@@ -16,20 +16,34 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{Check, PolicydConfig};
+use crate::greylist::Greylist;
 use crate::proto::{PolicyDecoder, PolicyReply, PolicyRequest};
+use crate::spf::SpfCheck;
 
-/// The live state: what a request is decided with. Rebuilt on SIGHUP.
+/// The live state: what a request is decided with. Rebuilt on SIGHUP (whitelists reread,
+/// store reopened).
 #[derive(Debug)]
 pub struct Policyd {
     /// The configuration it was built from.
     pub config: Arc<PolicydConfig>,
+    /// Greylisting; built whatever the listeners say, since `policy_context=greylist` selects
+    /// it on any listener.
+    pub greylist: Greylist,
+    /// SPF.
+    pub spf: SpfCheck,
 }
 
 impl Daemon for Policyd {
     type Config = PolicydConfig;
 
     fn build(config: Arc<PolicydConfig>) -> Result<Self, ConfigError> {
-        Ok(Self { config })
+        let greylist = Greylist::new(&config.greylist, &config.state_dir)?;
+        let spf = SpfCheck::new(&config.spf, &config.dns)?;
+        Ok(Self {
+            config,
+            greylist,
+            spf,
+        })
     }
 
     fn restart_needed(old: &PolicydConfig, new: &PolicydConfig) -> Vec<&'static str> {
@@ -59,21 +73,78 @@ pub fn checks_for(request: &PolicyRequest, listener_checks: &[Check]) -> Vec<Che
     }
 }
 
+/// Whether an action lets the next check run: DUNNO and PREPEND do (a PREPEND is kept and
+/// sent unless a later check refuses); anything else (reject, defer, OK, a restriction class)
+/// is final.
+fn is_final(action: &str) -> bool {
+    let verb = action.split_whitespace().next().unwrap_or("");
+    !(verb.eq_ignore_ascii_case("DUNNO") || verb.eq_ignore_ascii_case("PREPEND"))
+}
+
 impl Policyd {
-    /// Decides one request.
+    /// Decides one request: the checks in order; the first final answer (reject, defer, ...)
+    /// wins and stops the rest, so a message SPF refuses is not also greylisted. Otherwise the
+    /// first PREPEND is sent (Postfix takes one action per answer; a later check's PREPEND is
+    /// logged as dropped), else DUNNO.
     pub async fn decide(&self, request: &PolicyRequest, checks: &[Check]) -> PolicyReply {
-        let reply = PolicyReply::dunno();
+        let mut answer: Option<(Check, PolicyReply, String)> = None;
+        for &check in checks {
+            let (reply, reason) = match check {
+                Check::Greylist => {
+                    let verdict = self.greylist.check(request).await;
+                    (verdict.reply, verdict.reason)
+                }
+                Check::Spf => (self.spf.check(request).await, String::new()),
+            };
+            metrics::counter!("postern_policyd_answers_total", "check" => check.name(),
+                "action" => action_verb(reply.action()))
+            .increment(1);
+            let final_answer = is_final(reply.action());
+            let is_dunno = reply.action().eq_ignore_ascii_case("DUNNO");
+            if final_answer {
+                answer = Some((check, reply, reason));
+                break;
+            }
+            if !is_dunno {
+                match &answer {
+                    Some((first, kept, _)) if !kept.action().eq_ignore_ascii_case("DUNNO") => {
+                        info!(
+                            kept = first.name(),
+                            dropped = check.name(),
+                            action = reply.action(),
+                            "one PREPEND per answer; this one is dropped"
+                        );
+                    }
+                    _ => answer = Some((check, reply, reason)),
+                }
+            } else if answer.is_none() {
+                answer = Some((check, reply, reason));
+            }
+        }
+        let (check, reply, reason) =
+            answer.unwrap_or((Check::Greylist, PolicyReply::dunno(), "no check".to_owned()));
         info!(
             client = request.get("client_address").unwrap_or(""),
+            client_name = request.get("client_name").unwrap_or(""),
             sender = request.get("sender").unwrap_or(""),
             recipient = request.get("recipient").unwrap_or(""),
             queue_id = request.get("queue_id").unwrap_or(""),
-            checks = %checks.iter().map(|c| c.name()).collect::<Vec<_>>().join(","),
+            check = check.name(),
             action = reply.action(),
+            reason = %reason,
             "decision"
         );
         reply
     }
+}
+
+/// The first word of an action, upper-cased, for metrics labels ("DEFER_IF_PERMIT", "450").
+fn action_verb(action: &str) -> String {
+    action
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_ascii_uppercase()
 }
 
 /// Answers requests from `reader` on `writer` until the client closes, goes idle, sends

@@ -1,7 +1,10 @@
 //! postsrsd 2.x's `original-envelope = database`: a long sender is stored under a short key and
 //! the SRS address carries the key (`SRS0=HHHH=TT=1=<32 base32hex chars>@srs-domain`), so it
 //! stays within the 64 octets a local part may have. SQLite (embedded) or Redis (shared by
-//! several MX hosts); entries live as long as an SRS address does (21 days).
+//! several MX hosts); entries live as long as an SRS address does (21 days and the day it was
+//! made). The storage is postsrsd's own (SQLite table `kv (k, v, lt)`, Redis keys
+//! `PostSRSd/<key>`), so pointing `envelope_database` at postsrsd's database keeps the addresses
+//! it handed out reversing.
 
 use std::time::Duration;
 
@@ -14,6 +17,8 @@ pub const ENTRY_LIFETIME: Duration =
 /// The "host" part that marks a database key inside an SRS address.
 pub const KEY_HOST: &str = "1";
 const BASE32HEX: &[u8; 32] = b"0123456789ABCDEFGHIJKLMNOPQRSTUV";
+/// postsrsd's Redis key prefix.
+const REDIS_PREFIX: &str = "PostSRSd/";
 
 /// The key for an address: base32hex (no padding) of its SHA-1, 32 characters.
 pub fn key_for(address: &str) -> String {
@@ -121,8 +126,9 @@ impl EnvelopeStore {
     async fn sqlite_ready(pool: &sqlx::SqlitePool, ready: &OnceCell<()>) -> Result<(), StoreError> {
         ready
             .get_or_try_init(|| async {
-                bounded(sqlx::query("CREATE TABLE IF NOT EXISTS envelopes (key TEXT PRIMARY KEY, address TEXT NOT NULL, expires INTEGER NOT NULL)").execute(pool)).await?;
-                bounded(sqlx::query("CREATE INDEX IF NOT EXISTS envelopes_expires ON envelopes (expires)").execute(pool)).await?;
+                // postsrsd 2.x's schema, byte for byte (src/database.c).
+                bounded(sqlx::query("CREATE TABLE IF NOT EXISTS kv (k TEXT NOT NULL UNIQUE ON CONFLICT REPLACE, v TEXT NOT NULL, lt INTEGER NOT NULL)").execute(pool)).await?;
+                bounded(sqlx::query("CREATE INDEX IF NOT EXISTS ltidx ON kv (lt)").execute(pool)).await?;
                 Ok::<(), StoreError>(())
             })
             .await
@@ -148,7 +154,7 @@ impl EnvelopeStore {
                 let expires =
                     i64::try_from(now_unix + ENTRY_LIFETIME.as_secs()).unwrap_or(i64::MAX);
                 bounded(
-                    sqlx::query("INSERT INTO envelopes (key, address, expires) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET address = excluded.address, expires = excluded.expires")
+                    sqlx::query("INSERT INTO kv (k, v, lt) VALUES (?, ?, ?)")
                         .bind(&key)
                         .bind(address)
                         .bind(expires)
@@ -160,7 +166,7 @@ impl EnvelopeStore {
                 let mut con = Self::redis(client, connection).await?;
                 bounded(
                     redis::cmd("SET")
-                        .arg(format!("postern:srs:{key}"))
+                        .arg(format!("{REDIS_PREFIX}{key}"))
                         .arg(address)
                         .arg("EX")
                         .arg(ENTRY_LIFETIME.as_secs())
@@ -180,7 +186,7 @@ impl EnvelopeStore {
                 Self::sqlite_ready(pool, ready).await?;
                 let now = i64::try_from(now_unix).unwrap_or(i64::MAX);
                 let row: Option<(String,)> = bounded(
-                    sqlx::query_as("SELECT address FROM envelopes WHERE key = ? AND expires >= ?")
+                    sqlx::query_as("SELECT v FROM kv WHERE k = ? AND lt > ?")
                         .bind(&key)
                         .bind(now)
                         .fetch_optional(pool),
@@ -192,7 +198,7 @@ impl EnvelopeStore {
                 let mut con = Self::redis(client, connection).await?;
                 Ok(bounded(
                     redis::cmd("GET")
-                        .arg(format!("postern:srs:{key}"))
+                        .arg(format!("{REDIS_PREFIX}{key}"))
                         .query_async::<Option<String>>(&mut con),
                 )
                 .await?)
@@ -206,7 +212,15 @@ impl EnvelopeStore {
             Self::Sqlite { pool, ready } => {
                 Self::sqlite_ready(pool, ready).await?;
                 let now = i64::try_from(now_unix).unwrap_or(i64::MAX);
-                let done = bounded(sqlx::query("DELETE FROM envelopes WHERE key IN (SELECT key FROM envelopes WHERE expires < ? LIMIT ?)").bind(now).bind(i64::from(batch)).execute(pool)).await?;
+                let done = bounded(
+                    sqlx::query(
+                        "DELETE FROM kv WHERE k IN (SELECT k FROM kv WHERE lt <= ? LIMIT ?)",
+                    )
+                    .bind(now)
+                    .bind(i64::from(batch))
+                    .execute(pool),
+                )
+                .await?;
                 Ok(done.rows_affected())
             }
             Self::Redis { .. } => Ok(0),
@@ -254,5 +268,45 @@ mod tests {
             EnvelopeStore::open("mysql://x"),
             Err(StoreError::Url(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn reads_a_database_postsrsd_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("postsrsd.db");
+        // What postsrsd 2.x creates and writes (src/database.c), done here with plain SQL.
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        sqlx::query("CREATE TABLE IF NOT EXISTS kv (k TEXT NOT NULL UNIQUE ON CONFLICT REPLACE, v TEXT NOT NULL, lt INTEGER NOT NULL)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let now = 1_700_000_000u64;
+        let sender = "list-bounces+someone=example.com@lists.example.org";
+        let key = key_for(sender);
+        sqlx::query("INSERT INTO kv (k, v, lt) VALUES (?, ?, ?)")
+            .bind(format!("{key}@1"))
+            .bind(sender)
+            .bind(i64::try_from(now + 21 * 86_400).unwrap())
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let store = EnvelopeStore::open(&format!("sqlite:{}", path.display())).unwrap();
+        assert_eq!(store.get(&key, now).await.unwrap().as_deref(), Some(sender));
+        // And what we write, postsrsd reads: the same table, key and columns.
+        store.put("ABC", "x@y.example", now).await.unwrap();
+        let EnvelopeStore::Sqlite { pool, .. } = &store else {
+            panic!()
+        };
+        let row: (String, i64) = sqlx::query_as("SELECT v, lt FROM kv WHERE k = ?")
+            .bind("ABC@1")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(row.0, "x@y.example");
+        assert!(row.1 > i64::try_from(now + 21 * 86_400).unwrap());
     }
 }

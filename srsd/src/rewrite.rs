@@ -59,15 +59,64 @@ impl DomainSet {
     }
 }
 
+/// Why a lookup leaves an address alone. Each protocol answers with the text of the postsrsd
+/// generation that spoke it, so replies stay byte-identical: tcp_table with 1.x's, socketmap
+/// with 2.x's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// No `@`, or nothing on one side of it.
+    NoDomain,
+    /// A local domain (the list, the file, the SRS domain).
+    LocalDomain,
+    /// Already an SRS address at the SRS domain.
+    AlreadyRewritten,
+    /// A reverse lookup of an address that is not SRS.
+    NotSrs,
+    /// Database mode: the key is not (or no longer) in the envelope database.
+    UnknownAlias,
+}
+
+impl Skip {
+    /// postsrsd 2.x's reason (socketmap `NOTFOUND` text).
+    pub fn text(self) -> &'static str {
+        match self {
+            Self::NoDomain => "No domain.",
+            Self::LocalDomain | Self::AlreadyRewritten => "Need not rewrite local domain.",
+            Self::NotSrs => "Not an SRS address.",
+            Self::UnknownAlias => "Unknown alias.",
+        }
+    }
+
+    /// postsrsd 1.x's reason (tcp_table `500` text; "py policy" is its spelling).
+    pub fn text_v1(self) -> &'static str {
+        match self {
+            Self::NoDomain => "No at sign in sender address",
+            Self::LocalDomain => "Domain excluded py policy",
+            Self::AlreadyRewritten => "Already rewritten",
+            Self::NotSrs => "Not an SRS address.",
+            Self::UnknownAlias => "Unknown alias.",
+        }
+    }
+}
+
+/// Whether a reversed address is a database key (`<32 base32hex>@1`) rather than a sender.
+pub fn is_database_alias(address: &str) -> bool {
+    address.len() == 34 && address.ends_with("@1")
+}
+
 /// The answer to one lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Rewritten to this address.
     Rewritten(String),
     /// Left alone, with the reason (for the log and the protocol's not-found text).
-    Unchanged(&'static str),
-    /// An SRS address that does not verify: left alone, and worth a log line.
+    Unchanged(Skip),
+    /// An SRS address that does not verify (or a malformed SRS1 sender): left alone, and worth
+    /// a log line.
     Refused(ReverseError),
+    /// The lookup cannot be answered with this configuration (postsrsd's error replies, such as
+    /// "No database for alias."): a protocol error, not a not-found.
+    Failed(&'static str),
     /// The envelope database failed: a temporary error, so Postfix tries again later.
     Unavailable(String),
 }
@@ -147,18 +196,18 @@ impl Rewriter {
     }
 
     /// Whether a sender is to be rewritten: its local part and domain, or why not.
-    pub fn forward_target<'a>(&self, address: &'a str) -> Result<(&'a str, &'a str), &'static str> {
+    pub fn forward_target<'a>(&self, address: &'a str) -> Result<(&'a str, &'a str), Skip> {
         let Some((local, domain)) = address.rsplit_once('@') else {
-            return Err("No domain.");
+            return Err(Skip::NoDomain);
         };
         if local.is_empty() || domain.is_empty() {
-            return Err("No domain.");
+            return Err(Skip::NoDomain);
         }
         if domain.eq_ignore_ascii_case(&self.srs_domain) && crate::srs::split_srs(local).is_some() {
-            return Err("Already rewritten.");
+            return Err(Skip::AlreadyRewritten);
         }
         if !self.always_rewrite && self.is_local(domain) {
-            return Err("Need not rewrite local domain.");
+            return Err(Skip::LocalDomain);
         }
         Ok((local, domain))
     }
@@ -167,18 +216,34 @@ impl Rewriter {
     pub fn forward(&self, address: &str, unix: u64) -> Outcome {
         match self.forward_target(address) {
             Ok((local, domain)) => {
-                Outcome::Rewritten(self.srs.forward(local, domain, &self.srs_domain, unix))
+                match self.srs.try_forward(local, domain, &self.srs_domain, unix) {
+                    Ok(address) => Outcome::Rewritten(address),
+                    Err(err) => Outcome::Refused(err),
+                }
             }
             Err(reason) => Outcome::Unchanged(reason),
         }
     }
 
-    /// A bounce recipient, restored to the original sender.
+    /// A bounce recipient, restored to the original sender. An address carrying a database key
+    /// is an error here: only [`Rewriter::reverse_keeping_aliases`] with the database can
+    /// resolve it.
     pub fn reverse(&self, address: &str, unix: u64) -> Outcome {
+        match self.reverse_keeping_aliases(address, unix) {
+            Outcome::Rewritten(original) if is_database_alias(&original) => {
+                Outcome::Failed("No database for alias.")
+            }
+            other => other,
+        }
+    }
+
+    /// [`Rewriter::reverse`], but a database key (`<key>@1`) comes back as it is, for the
+    /// envelope database to resolve. The domain is not looked at (as in libsrs2).
+    pub fn reverse_keeping_aliases(&self, address: &str, unix: u64) -> Outcome {
         let local = address.rsplit_once('@').map_or(address, |(local, _)| local);
         match self.srs.reverse(local, unix) {
             Ok(original) => Outcome::Rewritten(original),
-            Err(ReverseError::NotSrs) => Outcome::Unchanged("Not an SRS address."),
+            Err(ReverseError::NotSrs) => Outcome::Unchanged(Skip::NotSrs),
             Err(err) => Outcome::Refused(err),
         }
     }
@@ -232,19 +297,22 @@ mod tests {
         );
         assert_eq!(
             r.forward("alice@local.example", T),
-            Outcome::Unchanged("Need not rewrite local domain.")
+            Outcome::Unchanged(Skip::LocalDomain)
         );
         assert_eq!(
             r.forward("alice@EXAMPLE.com", T),
-            Outcome::Unchanged("Need not rewrite local domain.")
+            Outcome::Unchanged(Skip::LocalDomain)
         );
         assert_eq!(
             r.forward("SRS0=vmyz=2W=otherdomain.com=test@example.com", T),
-            Outcome::Unchanged("Already rewritten.")
+            Outcome::Unchanged(Skip::AlreadyRewritten)
         );
-        assert_eq!(r.forward("", T), Outcome::Unchanged("No domain."));
-        assert_eq!(r.forward("postmaster", T), Outcome::Unchanged("No domain."));
-        assert_eq!(r.forward("@x", T), Outcome::Unchanged("No domain."));
+        assert_eq!(r.forward("", T), Outcome::Unchanged(Skip::NoDomain));
+        assert_eq!(
+            r.forward("postmaster", T),
+            Outcome::Unchanged(Skip::NoDomain)
+        );
+        assert_eq!(r.forward("@x", T), Outcome::Unchanged(Skip::NoDomain));
         assert!(
             matches!(r.forward("SRS0=abcd=2W=a.example=b@fwd.example", T), Outcome::Rewritten(a) if a.starts_with("SRS1="))
         );
@@ -259,11 +327,28 @@ mod tests {
         );
         assert_eq!(
             r.reverse("bob@example.com", T),
-            Outcome::Unchanged("Not an SRS address.")
+            Outcome::Unchanged(Skip::NotSrs)
         );
         assert_eq!(
             r.reverse("SRS0=xxxx=2W=otherdomain.com=test@example.com", T),
             Outcome::Refused(ReverseError::BadHash)
+        );
+        // A database-mode address met by a daemon without the database: an error, never the
+        // key as if it were a sender.
+        let key = "DCJGDE6N24LCRT41A4T0G1UIF0DTKKQJ";
+        let srs = r.srs.forward(key, "1", "example.com", T);
+        assert!(
+            srs.starts_with("SRS0=") && srs.contains("=2W=1=DCJG"),
+            "{srs}"
+        );
+        assert_eq!(
+            r.reverse(&srs, T),
+            Outcome::Failed("No database for alias.")
+        );
+        // A malformed SRS1 sender is not wrapped (libsrs2 refuses it too).
+        assert_eq!(
+            r.forward("SRS1=abcd@other.example", T),
+            Outcome::Refused(ReverseError::Malformed("No host in SRS1 address."))
         );
     }
 

@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use crate::config::{OriginalEnvelope, SrsdConfig};
 use crate::envelope_db::{self, EnvelopeStore};
 use crate::proto::{socketmap, tcp_table};
-use crate::rewrite::{Outcome, Rewriter};
+use crate::rewrite::{Outcome, Rewriter, Skip, is_database_alias};
 use crate::srs::Srs;
 
 /// The live state.
@@ -31,13 +31,17 @@ pub struct Srsd {
     pub rewriter: Rewriter,
     /// The envelope database, in "database" mode.
     pub store: Option<EnvelopeStore>,
+    /// The secrets file, when this build generated it (logged once serving starts, since the
+    /// first build runs before logging is set up).
+    pub generated_secret: Option<std::path::PathBuf>,
 }
 
 /// Reads the secrets file (one secret per line, CR/LF stripped, blank lines skipped), generating
-/// one when the default file does not exist yet.
-pub fn load_secrets(config: &SrsdConfig) -> Result<Vec<Vec<u8>>, ConfigError> {
+/// one when the default file does not exist yet; says whether it did.
+pub fn load_secrets(config: &SrsdConfig) -> Result<(Vec<Vec<u8>>, bool), ConfigError> {
     let path = config.effective_secrets_file();
-    if config.secrets_file.is_none() && !path.exists() {
+    let generate = config.secrets_file.is_none() && !path.exists();
+    if generate {
         let mut bytes = [0u8; 24];
         rand::fill(&mut bytes);
         let text = format!(
@@ -65,15 +69,16 @@ pub fn load_secrets(config: &SrsdConfig) -> Result<Vec<Vec<u8>>, ConfigError> {
             format!("{}: holds no secret", path.display()),
         ));
     }
-    Ok(secrets)
+    Ok((secrets, generate))
 }
 
 impl Daemon for Srsd {
     type Config = SrsdConfig;
 
     fn build(config: Arc<SrsdConfig>) -> Result<Self, ConfigError> {
+        let (secrets, generated) = load_secrets(&config)?;
         let srs = Srs {
-            secrets: load_secrets(&config)?,
+            secrets,
             separator: config.separator_char()?,
             hash_length: config.hash_length,
             hash_minimum: config.hash_minimum,
@@ -95,6 +100,7 @@ impl Daemon for Srsd {
             ),
         };
         Ok(Self {
+            generated_secret: generated.then(|| config.effective_secrets_file()),
             config,
             rewriter,
             store,
@@ -136,6 +142,11 @@ impl Srsd {
         match direction {
             Direction::Forward => match self.rewriter.forward_target(address) {
                 Err(reason) => Outcome::Unchanged(reason),
+                // An SRS address from another forwarder is wrapped as SRS1, not stored
+                // (postsrsd does the same): its tail is what the next hop needs to reverse.
+                Ok((local, _)) if crate::srs::split_srs(local).is_some() => {
+                    self.rewriter.forward(address, unix)
+                }
                 Ok(_) => {
                     let key = envelope_db::key_for(address);
                     match store.put(&key, address, unix).await {
@@ -149,18 +160,16 @@ impl Srsd {
                     }
                 }
             },
-            Direction::Reverse => match self.rewriter.reverse(address, unix) {
-                Outcome::Rewritten(original) => {
-                    match original.strip_suffix(&format!("@{}", envelope_db::KEY_HOST)) {
-                        // Addresses written before database mode was switched on still carry the sender.
-                        None => Outcome::Rewritten(original),
-                        Some(key) => match store.get(key, unix).await {
-                            Ok(Some(stored)) => Outcome::Rewritten(stored),
-                            Ok(None) => Outcome::Unchanged("Unknown or expired database key."),
-                            Err(err) => Outcome::Unavailable(err.to_string()),
-                        },
+            Direction::Reverse => match self.rewriter.reverse_keeping_aliases(address, unix) {
+                Outcome::Rewritten(original) if is_database_alias(&original) => {
+                    let key = original.strip_suffix("@1").unwrap_or(&original);
+                    match store.get(key, unix).await {
+                        Ok(Some(stored)) => Outcome::Rewritten(stored),
+                        Ok(None) => Outcome::Unchanged(Skip::UnknownAlias),
+                        Err(err) => Outcome::Unavailable(err.to_string()),
                     }
                 }
+                // Addresses written before database mode was switched on still carry the sender.
                 other => other,
             },
         }
@@ -184,11 +193,17 @@ impl Srsd {
             Outcome::Rewritten(to) => {
                 info!(%peer, direction = way, from = address, to = to.as_str(), "rewritten")
             }
+            Outcome::Refused(err) if direction == Direction::Forward => {
+                warn!(%peer, direction = way, address, reason = %err, "not rewritten: malformed SRS sender")
+            }
             Outcome::Refused(err) => {
                 warn!(%peer, direction = way, address, reason = %err, "not rewritten: SRS address does not verify")
             }
-            Outcome::Unchanged(reason) => {
-                debug!(%peer, direction = way, address, reason, "not rewritten")
+            Outcome::Failed(reason) => {
+                warn!(%peer, direction = way, address, reason, "not rewritten: answering with an error")
+            }
+            Outcome::Unchanged(skip) => {
+                debug!(%peer, direction = way, address, reason = skip.text(), "not rewritten")
             }
             Outcome::Unavailable(reason) => {
                 warn!(%peer, direction = way, address, reason = reason.as_str(), "envelope database unavailable; answering with a temporary error")
@@ -198,6 +213,7 @@ impl Srsd {
             Outcome::Rewritten(_) => "rewritten",
             Outcome::Unchanged(_) => "unchanged",
             Outcome::Refused(_) => "refused",
+            Outcome::Failed(_) => "failed",
             Outcome::Unavailable(_) => "unavailable",
         };
         metrics::counter!("postern_srsd_lookups_total", "direction" => way, "result" => result)
@@ -218,8 +234,11 @@ async fn serve_tcp_table(conn: Connection, live: watch::Receiver<Arc<Srsd>>, dir
                     .await
                 {
                     Outcome::Rewritten(address) => tcp_table::Reply::Found(address),
-                    Outcome::Unchanged(reason) => tcp_table::Reply::NotFound(reason.to_owned()),
+                    Outcome::Unchanged(skip) => {
+                        tcp_table::Reply::NotFound(skip.text_v1().to_owned())
+                    }
                     Outcome::Refused(err) => tcp_table::Reply::NotFound(err.to_string()),
+                    Outcome::Failed(reason) => tcp_table::Reply::Error(reason.to_owned()),
                     // tcp_table(5): 400 is a temporary failure; Postfix defers the message.
                     Outcome::Unavailable(reason) => tcp_table::Reply::Error(reason),
                 }
@@ -230,12 +249,18 @@ async fn serve_tcp_table(conn: Connection, live: watch::Receiver<Arc<Srsd>>, dir
             }
             NextFrame::Error(err) => {
                 warn!(peer = %conn.peer, error = %err, "bad tcp_table input; closing connection");
-                let _ = writer
-                    .write_all(&tcp_table::Reply::Error(err.to_string()).encode())
-                    .await;
+                if err.wants_reply() {
+                    let _ = writer
+                        .write_all(&tcp_table::Reply::Error(err.to_string()).encode())
+                        .await;
+                }
                 return;
             }
-            NextFrame::Closed | NextFrame::Idle | NextFrame::Shutdown => return,
+            NextFrame::Idle => {
+                info!(peer = %conn.peer, idle_timeout = ?conn.idle_timeout, "idle connection closed");
+                return;
+            }
+            NextFrame::Closed | NextFrame::Shutdown => return,
         };
         if writer.write_all(&reply.encode()).await.is_err() {
             return;
@@ -260,25 +285,37 @@ async fn serve_socketmap(conn: Connection, live: watch::Receiver<Arc<Srsd>>) {
                         .lookup(direction, &key, SystemClock.unix(), &conn.peer)
                         .await
                     {
+                        // postsrsd 2.x: NOTFOUND and PERM carry the reason.
                         Outcome::Rewritten(address) => socketmap::Reply::Ok(address),
-                        Outcome::Unchanged(_) | Outcome::Refused(_) => socketmap::Reply::NotFound,
+                        Outcome::Unchanged(skip) => {
+                            socketmap::Reply::NotFound(skip.text().to_owned())
+                        }
+                        Outcome::Refused(err) => socketmap::Reply::NotFound(err.to_string()),
+                        Outcome::Failed(reason) => socketmap::Reply::Perm(reason.to_owned()),
+                        // postsrsd answers PERM "Database error."; TEMP lets Postfix retry.
                         Outcome::Unavailable(reason) => socketmap::Reply::Temp(reason),
                     },
                     None => {
                         warn!(peer = %conn.peer, map, "unknown socketmap map name");
-                        socketmap::Reply::Perm(format!("Unknown map {map:?}."))
+                        socketmap::Reply::Perm("Invalid map.".to_owned())
                     }
                 }
             }
             NextFrame::Frame(socketmap::Request::Invalid(reason)) => socketmap::Reply::Perm(reason),
             NextFrame::Error(err) => {
                 warn!(peer = %conn.peer, error = %err, "bad socketmap input; closing connection");
-                let _ = writer
-                    .write_all(&socketmap::Reply::Perm(err.to_string()).encode())
-                    .await;
+                if err.wants_reply() {
+                    let _ = writer
+                        .write_all(&socketmap::Reply::Perm(err.to_string()).encode())
+                        .await;
+                }
                 return;
             }
-            NextFrame::Closed | NextFrame::Idle | NextFrame::Shutdown => return,
+            NextFrame::Idle => {
+                info!(peer = %conn.peer, idle_timeout = ?conn.idle_timeout, "idle connection closed");
+                return;
+            }
+            NextFrame::Closed | NextFrame::Shutdown => return,
         };
         if writer.write_all(&reply.encode()).await.is_err() {
             return;
@@ -299,6 +336,9 @@ pub async fn run(ctx: DaemonContext<Srsd>) -> anyhow::Result<()> {
         Listener::bind(spec, mode)
             .await
             .map_err(|err| anyhow::anyhow!("cannot listen on {spec}: {err}"))
+    }
+    if let Some(path) = &ctx.live.borrow().generated_secret {
+        info!(file = %path.display(), "generated a new SRS secret; keep it (and back it up) so that addresses in flight keep reversing");
     }
     let mut tasks = tokio::task::JoinSet::new();
     for (spec, direction) in [

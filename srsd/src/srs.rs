@@ -37,26 +37,27 @@ pub struct Srs {
     pub alphabet: HashAlphabet,
 }
 
-/// Why an address does not reverse.
+/// Why an address does not reverse (or, for a malformed SRS1 sender, does not forward). The
+/// messages are libsrs2's (`srs_strerror`), which postsrsd puts in its not-found replies.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReverseError {
     /// Not an SRS address at all.
-    #[error("not an SRS address")]
+    #[error("Not an SRS address.")]
     NotSrs,
-    /// SRS-shaped but with missing fields.
-    #[error("malformed SRS address")]
-    Malformed,
-    /// The timestamp is not two base32 characters.
-    #[error("bad timestamp")]
+    /// SRS-shaped but with a missing field; the text names it ("No host in SRS0 address.").
+    #[error("{0}")]
+    Malformed(&'static str),
+    /// A timestamp character outside base32.
+    #[error("Bad base32 character in timestamp.")]
     BadTimestamp,
-    /// Older than [`MAX_AGE_DAYS`] (or from the future).
-    #[error("timestamp expired")]
+    /// Older than [`MAX_AGE_DAYS`], from the future, or not two characters long.
+    #[error("Time stamp out of date.")]
     Expired,
     /// Shorter than `hash_minimum`.
-    #[error("hash too short")]
+    #[error("Hash too short in SRS address.")]
     HashTooShort,
     /// No secret produces this hash: forged, or signed with a secret we no longer have.
-    #[error("hash does not verify")]
+    #[error("Hash invalid in SRS address.")]
     BadHash,
 }
 
@@ -80,7 +81,8 @@ fn base32_value(c: u8) -> Option<u64> {
 pub fn check_timestamp(stamp: &str, unix: u64) -> Result<(), ReverseError> {
     let bytes = stamp.as_bytes();
     if bytes.len() != 2 {
-        return Err(ReverseError::BadTimestamp);
+        // libsrs2 reports a stamp of the wrong length as out of date.
+        return Err(ReverseError::Expired);
     }
     let then = base32_value(bytes[0])
         .zip(base32_value(bytes[1]))
@@ -148,27 +150,46 @@ impl Srs {
     }
 
     /// Rewrites `local@domain` (a sender from a foreign domain) into an address at `srs_domain`.
-    /// An SRS0 or SRS1 address from another forwarder becomes SRS1, as libsrs2 does.
-    pub fn forward(&self, local: &str, domain: &str, srs_domain: &str, unix: u64) -> String {
-        match split_srs(local) {
-            Some((kind, rest)) => {
-                // rest starts at the separator: "=HHHH=TT=host=user" (SRS0) or "=HHHH=host==rest" (SRS1).
-                let (host, user) = if kind == b'0' {
-                    (domain.to_owned(), rest.to_owned())
-                } else {
-                    match rest[1..]
-                        .split_once('=')
-                        .and_then(|(_hash, after)| after.split_once('='))
-                    {
-                        Some((host, user)) => (host.to_owned(), user.to_owned()),
-                        None => return self.forward_plain(local, domain, srs_domain, unix),
-                    }
-                };
-                let hash = self.sign(&[&host, &user]);
-                format!("SRS1{}{hash}={host}={user}@{srs_domain}", self.separator)
+    /// An SRS0 or SRS1 address from another forwarder becomes SRS1, as libsrs2 does; a
+    /// malformed SRS1 local part (no host or no user) is an error, as in libsrs2.
+    pub fn try_forward(
+        &self,
+        local: &str,
+        domain: &str,
+        srs_domain: &str,
+        unix: u64,
+    ) -> Result<String, ReverseError> {
+        let Some((kind, rest)) = split_srs(local) else {
+            return Ok(self.forward_plain(local, domain, srs_domain, unix));
+        };
+        // rest starts at the separator: "=HHHH=TT=host=user" (SRS0) or "=HHHH=host==rest" (SRS1).
+        let (host, user) = if kind == b'0' {
+            // SRS0 from another forwarder: guarded with that forwarder's domain as the host and
+            // the whole tail, original separator included, as the user.
+            (domain, rest)
+        } else {
+            let fields = &rest[1..];
+            if fields.is_empty() {
+                return Err(ReverseError::Malformed("No hash in SRS1 address."));
             }
-            None => self.forward_plain(local, domain, srs_domain, unix),
-        }
+            let (_hash, after) = fields
+                .split_once('=')
+                .ok_or(ReverseError::Malformed("No host in SRS1 address."))?;
+            after
+                .split_once('=')
+                .ok_or(ReverseError::Malformed("No user in SRS1 address."))?
+        };
+        let hash = self.sign(&[host, user]);
+        Ok(format!(
+            "SRS1{}{hash}={host}={user}@{srs_domain}",
+            self.separator
+        ))
+    }
+
+    /// [`Srs::try_forward`], with a malformed SRS1 local part wrapped as a plain SRS0 sender.
+    pub fn forward(&self, local: &str, domain: &str, srs_domain: &str, unix: u64) -> String {
+        self.try_forward(local, domain, srs_domain, unix)
+            .unwrap_or_else(|_| self.forward_plain(local, domain, srs_domain, unix))
     }
 
     fn forward_plain(&self, local: &str, domain: &str, srs_domain: &str, unix: u64) -> String {
@@ -185,24 +206,46 @@ impl Srs {
     pub fn reverse(&self, local: &str, unix: u64) -> Result<String, ReverseError> {
         let (kind, rest) = split_srs(local).ok_or(ReverseError::NotSrs)?;
         let fields = &rest[1..];
+        let malformed = ReverseError::Malformed;
         if kind == b'0' {
-            let mut parts = fields.splitn(4, '=');
-            let (Some(hash), Some(stamp), Some(host), Some(user)) =
-                (parts.next(), parts.next(), parts.next(), parts.next())
-            else {
-                return Err(ReverseError::Malformed);
-            };
-            if hash.is_empty() || host.is_empty() || user.is_empty() {
-                return Err(ReverseError::Malformed);
+            // libsrs2's order: hash, stamp, host, user (which may hold further '='), then the
+            // stamp is checked, then the hash.
+            if fields.is_empty() {
+                return Err(malformed("No hash in SRS0 address."));
+            }
+            let (hash, after) = fields
+                .split_once('=')
+                .ok_or(malformed("No timestamp in SRS0 address."))?;
+            let (stamp, after) = after
+                .split_once('=')
+                .ok_or(malformed("No host in SRS0 address."))?;
+            let (host, user) = after
+                .split_once('=')
+                .ok_or(malformed("No user in SRS0 address."))?;
+            if host.is_empty() {
+                return Err(malformed("No host in SRS0 address."));
+            }
+            if user.is_empty() {
+                return Err(malformed("No user in SRS0 address."));
             }
             check_timestamp(stamp, unix)?;
             self.verify(hash, &[stamp, host, user])?;
             Ok(format!("{user}@{host}"))
         } else {
-            let (hash, after) = fields.split_once('=').ok_or(ReverseError::Malformed)?;
-            let (host, user) = after.split_once('=').ok_or(ReverseError::Malformed)?;
-            if hash.is_empty() || host.is_empty() || user.len() < 2 {
-                return Err(ReverseError::Malformed);
+            if fields.is_empty() {
+                return Err(malformed("No hash in SRS1 address."));
+            }
+            let (hash, after) = fields
+                .split_once('=')
+                .ok_or(malformed("No host in SRS1 address."))?;
+            let (host, user) = after
+                .split_once('=')
+                .ok_or(malformed("No user in SRS1 address."))?;
+            if host.is_empty() {
+                return Err(malformed("No host in SRS1 address."));
+            }
+            if user.len() < 2 {
+                return Err(malformed("No user in SRS1 address."));
             }
             self.verify(hash, &[host, user])?;
             Ok(format!("SRS0{user}@{host}"))
@@ -334,12 +377,91 @@ mod tests {
         );
         assert_eq!(
             s.reverse("SRS0=vmyz=2W=otherdomain.com", T),
-            Err(ReverseError::Malformed)
+            Err(ReverseError::Malformed("No user in SRS0 address."))
         );
-        assert_eq!(s.reverse("SRS0==2W=a=b", T), Err(ReverseError::Malformed));
+        assert_eq!(
+            s.reverse("SRS0==2W=a=b", T),
+            Err(ReverseError::HashTooShort)
+        );
+        assert_eq!(
+            s.reverse("SRS0=", T),
+            Err(ReverseError::Malformed("No hash in SRS0 address."))
+        );
+        assert_eq!(
+            s.reverse("SRS0=vmyz", T),
+            Err(ReverseError::Malformed("No timestamp in SRS0 address."))
+        );
+        assert_eq!(
+            s.reverse("SRS0=vmyz=2W", T),
+            Err(ReverseError::Malformed("No host in SRS0 address."))
+        );
+        assert_eq!(
+            s.reverse("SRS0=vmyz=2WX=a.example=b", T),
+            Err(ReverseError::Expired)
+        );
+        // The messages are libsrs2's, which postsrsd answers with.
+        assert_eq!(
+            ReverseError::BadHash.to_string(),
+            "Hash invalid in SRS address."
+        );
+        assert_eq!(ReverseError::Expired.to_string(), "Time stamp out of date.");
         assert_eq!(s.reverse("alice", T), Err(ReverseError::NotSrs));
         assert_eq!(s.reverse("SRS2=x=y", T), Err(ReverseError::NotSrs));
-        assert_eq!(s.reverse("SRS1=abcd=host", T), Err(ReverseError::Malformed));
+        assert_eq!(
+            s.reverse("SRS1=abcd=host", T),
+            Err(ReverseError::Malformed("No user in SRS1 address."))
+        );
+        assert_eq!(
+            s.reverse("SRS1=abcd", T),
+            Err(ReverseError::Malformed("No host in SRS1 address."))
+        );
+    }
+
+    #[test]
+    fn srs1_is_rewrapped_and_a_malformed_one_is_an_error() {
+        let s = srs(HashAlphabet::Base64url);
+        // An SRS1 from another forwarder keeps its first-hop host and tail; only the hash is new.
+        let srs1 = "SRS1=JO9m=example.com==vmyz=2W=otherdomain.com=test";
+        let out = s
+            .try_forward(srs1, "example.net", "fwd.example", T)
+            .unwrap();
+        assert!(
+            out.starts_with("SRS1=")
+                && out.ends_with("=example.com==vmyz=2W=otherdomain.com=test@fwd.example"),
+            "{out}"
+        );
+        let local = out.rsplit_once('@').unwrap().0;
+        assert_eq!(
+            s.reverse(local, T).unwrap(),
+            "SRS0=vmyz=2W=otherdomain.com=test@example.com"
+        );
+        // Another separator after SRS0 survives the wrapping and the unwrapping.
+        let out = s
+            .try_forward(
+                "SRS0+vmyz=2W=otherdomain.com=test",
+                "example.com",
+                "fwd.example",
+                T,
+            )
+            .unwrap();
+        assert!(out.contains("=example.com=+vmyz="), "{out}");
+        let local = out.rsplit_once('@').unwrap().0;
+        assert_eq!(
+            s.reverse(local, T).unwrap(),
+            "SRS0+vmyz=2W=otherdomain.com=test@example.com"
+        );
+        assert_eq!(
+            s.try_forward("SRS1=abcd", "x.example", "fwd.example", T),
+            Err(ReverseError::Malformed("No host in SRS1 address."))
+        );
+        assert_eq!(
+            s.try_forward("SRS1=", "x.example", "fwd.example", T),
+            Err(ReverseError::Malformed("No hash in SRS1 address."))
+        );
+        assert_eq!(
+            s.try_forward("SRS1=abcd=host", "x.example", "fwd.example", T),
+            Err(ReverseError::Malformed("No user in SRS1 address."))
+        );
     }
 
     #[test]

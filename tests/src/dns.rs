@@ -208,10 +208,14 @@ impl Zone {
                 return Err((ResponseCode::ServFail, Some(*fault)));
             }
             let Some(rdatas) = self.records.get(&k) else {
-                return if answers.is_empty() {
-                    Err((ResponseCode::NXDomain, None))
-                } else {
+                // A name with no records of its own but names below it (`_domainkey.example.test`
+                // when `sel._domainkey.example.test` exists) is an empty non-terminal: it exists,
+                // so the answer is NODATA, not NXDOMAIN (RFC 8020).
+                let below = format!(".{k}");
+                return if !answers.is_empty() || self.records.keys().any(|n| n.ends_with(&below)) {
                     Ok(answers)
+                } else {
+                    Err((ResponseCode::NXDomain, None))
                 };
             };
             let cname = rdatas.iter().find_map(|r| match r {
@@ -482,8 +486,25 @@ broken.example.test FAULT servfail
             &format!("\"{}\"", "x".repeat(600)),
         )
         .unwrap();
+        // An answer over 1232 bytes: truncated over UDP, so the resolver retries over TCP.
+        for i in 0..10 {
+            zone.add(
+                "big.example.test",
+                "TXT",
+                &format!("\"{i}{}\"", "y".repeat(200)),
+            )
+            .unwrap();
+        }
         let dns = TestDns::start(zone).await.unwrap();
         let r = resolver(dns.addr());
+        let before = dns.queries();
+        let big = r.txt_lookup("big.example.test.").await.unwrap();
+        assert_eq!(big.answers().len(), 10);
+        assert_eq!(
+            dns.queries() - before,
+            2,
+            "one UDP query, truncated; one TCP query"
+        );
         let txt = r.txt_lookup("example.test.").await.unwrap();
         assert_eq!(
             txt.answers()[0].data.to_string(),
@@ -570,6 +591,64 @@ broken.example.test FAULT servfail
                 .data
                 .to_string(),
             "192.0.2.99"
+        );
+    }
+
+    fn fixture() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/dns/example.test.zone")
+    }
+
+    #[tokio::test]
+    async fn the_fixture_zone_loads_and_serves() {
+        let dns = TestDns::start(Zone::load(&fixture()).unwrap())
+            .await
+            .unwrap();
+        let r = resolver(dns.addr());
+        // The DKIM key is one 400-byte string in the file: two strings on the wire (so the UDP
+        // answer is still small enough; no TCP retry needed), joined back to the same text.
+        let key = r.txt_lookup("sel._domainkey.example.test.").await.unwrap();
+        let RData::TXT(t) = &key.answers()[0].data else {
+            panic!()
+        };
+        assert_eq!(t.txt_data.len(), 2);
+        assert_eq!(t.txt_data[0].len(), 255);
+        let joined: Vec<u8> = t.txt_data.iter().flat_map(|s| s.iter().copied()).collect();
+        assert!(
+            joined.starts_with(b"v=DKIM1; k=rsa; p=MIIBIjAN"),
+            "{joined:?}"
+        );
+        // Empty non-terminal: NODATA, not NXDOMAIN.
+        let ent = r.txt_lookup("_domainkey.example.test.").await.unwrap_err();
+        assert!(!ent.is_nx_domain() && ent.is_no_records_found(), "{ent}");
+        // Two SPF records at one name: both answered.
+        let two = r.txt_lookup("twospf.test.").await.unwrap();
+        assert_eq!(two.answers().len(), 2);
+        // IPv6 reverse name as written in the file.
+        let ptr = r
+            .reverse_lookup("2001:db8::25".parse::<IpAddr>().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            ptr.answers()[0]
+                .data
+                .to_string()
+                .starts_with("mail.example.test")
+        );
+        assert_eq!(
+            Zone::reverse_name("2001:db8::25".parse().unwrap()),
+            "5.2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa"
+        );
+        // Faults from the file: NXDOMAIN over existing data, SERVFAIL.
+        assert!(
+            r.ipv4_lookup("gone.example.test.")
+                .await
+                .unwrap_err()
+                .is_nx_domain()
+        );
+        let servfail = r.txt_lookup("servfail.test.").await.unwrap_err();
+        assert!(
+            !servfail.is_nx_domain() && !servfail.is_no_records_found(),
+            "{servfail}"
         );
     }
 

@@ -1,11 +1,13 @@
 //! postern-tests: what the end-to-end tests and benchmarks share: a DNS server for test zones,
 //! a private real Postfix, our daemons as child processes, protocol clients for every interface
-//! (policy, milter, tcp_table, socketmap) and the load-generator runner.
+//! (policy, milter, tcp_table, socketmap), the Debian peers as child processes, and the
+//! load-generator runner.
 
 pub mod clients;
 pub mod daemon;
 pub mod dns;
 pub mod load;
+pub mod peer;
 pub mod postfix;
 pub mod smtp;
 

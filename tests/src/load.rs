@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::clients::Target;
 
+/// Failed requests in a row after which a connection gives up.
+const MAX_FAILURES_IN_A_ROW: u32 = 5;
+
 /// What every generator takes on its command line.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
@@ -127,6 +130,7 @@ where
                     return latencies;
                 }
             };
+            let mut failures_in_a_row = 0u32;
             loop {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
@@ -138,9 +142,20 @@ where
                 let t0 = Instant::now();
                 match worker.request(index).await {
                     Ok(()) => {
+                        failures_in_a_row = 0;
                         latencies.push(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX))
                     }
                     Err(err) => {
+                        failures_in_a_row += 1;
+                        // A server that stopped answering would otherwise cost one timeout per
+                        // remaining request.
+                        if failures_in_a_row >= MAX_FAILURES_IN_A_ROW {
+                            eprintln!(
+                                "giving up a connection after {MAX_FAILURES_IN_A_ROW} failed requests in a row"
+                            );
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
                         if errors.fetch_add(1, Ordering::Relaxed) < 3 {
                             eprintln!("request failed: {err:#}");
                         }
@@ -167,4 +182,35 @@ where
         latencies_us,
         peak_rss_kb: args.pid.and_then(peak_rss_kb),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_line_has_the_agreed_shape() {
+        let summary = Summary {
+            requests: 4,
+            errors: 1,
+            elapsed: Duration::from_secs(2),
+            latencies_us: vec![100, 200, 300, 10_000],
+            peak_rss_kb: Some(5 * 1024),
+        };
+        assert_eq!(
+            summary.line(),
+            "4 requests in 2.00 s: 2 req/s, p50 0.300 ms, p99 10.000 ms, server peak RSS 5.0 MB, 1 errors"
+        );
+        let empty = Summary {
+            peak_rss_kb: None,
+            latencies_us: Vec::new(),
+            requests: 0,
+            ..summary
+        };
+        assert_eq!(
+            empty.line(),
+            "0 requests in 2.00 s: 0 req/s, p50 0.000 ms, p99 0.000 ms, 1 errors"
+        );
+        assert!(peak_rss_kb(std::process::id()).is_some_and(|kb| kb > 0));
+    }
 }

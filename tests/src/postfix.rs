@@ -18,6 +18,7 @@ pub struct PostfixBuilder {
     master_cf: Vec<String>,
     relay_domains: Option<String>,
     mynetworks: Option<String>,
+    virtual_aliases: Vec<(String, String)>,
 }
 
 impl PostfixBuilder {
@@ -36,6 +37,14 @@ impl PostfixBuilder {
     /// Domains relayed to the sink (default "dest.example").
     pub fn relay_domains(mut self, domains: impl Into<String>) -> Self {
         self.relay_domains = Some(domains.into());
+        self
+    }
+
+    /// A virtual alias (`fwd@alias.example` → `dave@dest.example`, or several targets separated
+    /// by commas): mail to the alias is forwarded, the way SRS is needed. The alias's domain
+    /// becomes a virtual alias domain.
+    pub fn virtual_alias(mut self, alias: impl Into<String>, target: impl Into<String>) -> Self {
+        self.virtual_aliases.push((alias.into(), target.into()));
         self
     }
 
@@ -145,6 +154,27 @@ impl PostfixInstance {
             mynetworks = options.mynetworks.as_deref().unwrap_or("127.0.0.1/32"),
             sink_port = sink.addr().port(),
         );
+        if !options.virtual_aliases.is_empty() {
+            let mut domains: Vec<&str> = options
+                .virtual_aliases
+                .iter()
+                .filter_map(|(alias, _)| alias.rsplit_once('@').map(|(_, d)| d))
+                .collect();
+            domains.sort_unstable();
+            domains.dedup();
+            // A file, not inline:{}: targets may hold commas and spaces.
+            let table: String = options
+                .virtual_aliases
+                .iter()
+                .map(|(alias, target)| format!("{alias} {target}\n"))
+                .collect();
+            std::fs::write(root.join("etc/virtual"), table)?;
+            main.push_str(&format!(
+                "virtual_alias_domains = {}\nvirtual_alias_maps = texthash:{}/etc/virtual\n",
+                domains.join(", "),
+                root.display()
+            ));
+        }
         for line in &options.main_cf {
             main.push_str(line);
             main.push('\n');

@@ -120,17 +120,7 @@ async fn send_inner(addr: SocketAddr, message: &Outgoing) -> anyhow::Result<Tran
             break;
         }
         if command == "DATA" {
-            let text = String::from_utf8_lossy(&message.data).replace("\r\n", "\n");
-            let mut body = String::new();
-            for line in text.lines() {
-                if line.starts_with('.') {
-                    body.push('.');
-                }
-                body.push_str(line);
-                body.push_str("\r\n");
-            }
-            body.push_str(".\r\n");
-            write.write_all(body.as_bytes()).await?;
+            write.write_all(&dot_stuff(&message.data)).await?;
             let reply = read_reply(&mut reader).await?;
             transcript.exchanges.push((".".to_owned(), reply));
         }
@@ -307,15 +297,16 @@ async fn sink_session(stream: TcpStream, store: Arc<Mutex<Vec<Delivered>>>) -> a
             write.write_all(b"354 go ahead\r\n").await?;
             let mut data = Vec::new();
             loop {
-                let mut l = String::new();
-                if reader.read_line(&mut l).await? == 0 {
+                // Bytes, not text: 8-bit and malformed UTF-8 must arrive as they were sent.
+                let mut l = Vec::new();
+                if reader.read_until(b'\n', &mut l).await? == 0 {
                     return Ok(());
                 }
-                if l == ".\r\n" || l == ".\n" {
+                if l == b".\r\n" || l == b".\n" {
                     break;
                 }
-                let l = l.strip_prefix('.').unwrap_or(&l);
-                data.extend_from_slice(l.as_bytes());
+                let l = l.strip_prefix(b".").unwrap_or(&l);
+                data.extend_from_slice(l);
             }
             current.data = data;
             if let Ok(mut messages) = store.lock() {
@@ -337,6 +328,26 @@ async fn sink_session(stream: TcpStream, store: Arc<Mutex<Vec<Delivered>>>) -> a
     }
 }
 
+/// The DATA payload on the wire: CRLF line ends, leading dots doubled, the final ".\r\n".
+/// Works on bytes so 8-bit bodies go through untouched.
+pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 16);
+    let mut lines: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
+    if lines.last().is_some_and(|l| l.is_empty()) {
+        lines.pop();
+    }
+    for line in lines {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.starts_with(b".") {
+            out.push(b'.');
+        }
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
 fn angle(arg: &str) -> String {
     let arg = arg.trim();
     let inner = arg.split_whitespace().next().unwrap_or("");
@@ -344,4 +355,46 @@ fn angle(arg: &str) -> String {
         .trim_start_matches('<')
         .trim_end_matches('>')
         .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_stuffing_is_byte_exact() {
+        assert_eq!(dot_stuff(b"a\n.b\r\n..c"), b"a\r\n..b\r\n...c\r\n.\r\n");
+        assert_eq!(dot_stuff(b""), b".\r\n");
+        assert_eq!(dot_stuff(b"\xe9t\xe9\r\n"), b"\xe9t\xe9\r\n.\r\n");
+    }
+
+    #[tokio::test]
+    async fn client_and_sink_keep_envelope_and_8bit_data() {
+        let sink = Sink::start().await.unwrap();
+        let data = b"Subject: caf\xe9\r\n\r\n.dot\r\n\xff\xfe not utf-8\r\n".to_vec();
+        let outgoing = Outgoing {
+            helo: "client.test".into(),
+            from: "a@x.test".into(),
+            to: vec!["b@y.test".into(), "c@y.test".into()],
+            data: data.clone(),
+        };
+        let transcript = send(sink.addr(), &outgoing).await.unwrap();
+        assert!(transcript.accepted(), "{transcript:?}");
+        assert_eq!(transcript.exchanges[0].1.code, 220);
+        assert_eq!(transcript.reply_to("EHLO").unwrap().code, 250);
+        assert_eq!(transcript.reply_to("DATA").unwrap().line(), "354 go ahead");
+        let got = sink.wait_for(1, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(got[0].mail_from, "a@x.test");
+        assert_eq!(got[0].rcpt_to, vec!["b@y.test", "c@y.test"]);
+        assert_eq!(got[0].data, data);
+        assert!(got[0].body().starts_with(".dot\n"));
+        // The null sender is kept as empty.
+        let bounce = Outgoing {
+            from: String::new(),
+            ..outgoing
+        };
+        assert!(send(sink.addr(), &bounce).await.unwrap().accepted());
+        let got = sink.wait_for(2, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(got[1].mail_from, "");
+    }
 }

@@ -1,14 +1,17 @@
 //! End to end through a real Postfix with all three daemons plugged in by the main.cf lines a
-//! postmaster writes: the policy request is answered, the milter negotiates and sees the
-//! message, the canonical-map lookups are answered, and the message arrives unchanged. Then
-//! SRS for real: a foreign sender leaves with an SRS0 envelope sender, and a bounce to that
-//! address reaches the original sender.
+//! postmaster writes, their DNS from the test server: the policy request is answered (a new
+//! triplet is greylisted, the retry passes), the milter sees every message by its queue id, the
+//! canonical-map lookups are answered, and the message arrives unchanged. Then SRS for real: a
+//! sender forwarded through a virtual alias leaves with an SRS0 envelope sender, a bounce to that
+//! address reaches the original sender, a forged one does not; and a local submission through
+//! sendmail passes the non_smtpd_milters path.
 
 use std::time::Duration;
 
 use postern_tests::daemon::{DaemonProcess, free_port};
+use postern_tests::dns::{TestDns, Zone};
 use postern_tests::postfix::{self, PostfixInstance};
-use postern_tests::smtp::Outgoing;
+use postern_tests::smtp::{Outgoing, Transcript};
 
 struct Daemons {
     policyd: DaemonProcess,
@@ -17,18 +20,32 @@ struct Daemons {
     ports: (u16, u16, u16, u16),
 }
 
-fn start_daemons() -> Daemons {
+/// The sending and receiving domains' DNS, so no daemon asks the Internet.
+const ZONE: &str = r#"
+local.example      TXT "v=spf1 ip4:127.0.0.0/8 -all"
+_dmarc.local.example TXT "v=DMARC1; p=none"
+dest.example       TXT "v=spf1 ip4:127.0.0.0/8 -all"
+mx.test.example    A   127.0.0.1
+"#;
+
+fn start_daemons(dns: std::net::SocketAddr) -> Daemons {
     let (p, m, f, r) = (free_port(), free_port(), free_port(), free_port());
+    let dns = format!("[dns]\nnameservers = [\"{dns}\"]\n");
     let policyd = DaemonProcess::start(
         "policyd",
-        &format!("state_dir = \"@STATE@\"\n[[listen]]\naddress = \"inet:127.0.0.1:{p}\"\n"),
+        // Greylisting as shipped (postgrey's defaults) but with a 1 s delay, so the test retries
+        // like a real client; no X-Greylist header, so messages arrive unchanged.
+        &format!(
+            "state_dir = \"@STATE@\"\n[[listen]]\naddress = \"inet:127.0.0.1:{p}\"\n\
+             [greylist]\ndelay = \"1s\"\nstore = \"memory:\"\nx_greylist_header = \"\"\n{dns}"
+        ),
         &[p],
     )
     .unwrap();
-    let milter = DaemonProcess::start("milter", &format!("state_dir = \"@STATE@\"\nlisten = \"inet:{m}@127.0.0.1\"\nauthserv_id = \"mx.test.example\"\n"), &[m]).unwrap();
+    let milter = DaemonProcess::start("milter", &format!("state_dir = \"@STATE@\"\nlisten = \"inet:{m}@127.0.0.1\"\nauthserv_id = \"mx.test.example\"\n{dns}"), &[m]).unwrap();
     let srsd = DaemonProcess::start(
         "srsd",
-        &format!("state_dir = \"@STATE@\"\nsrs_domain = \"test.example\"\ndomains = [\"local.example\"]\nforward_listen = \"inet:127.0.0.1:{f}\"\nreverse_listen = \"inet:127.0.0.1:{r}\"\n"),
+        &format!("state_dir = \"@STATE@\"\nsrs_domain = \"test.example\"\ndomains = [\"local.example\"]\nforward_listen = \"inet:127.0.0.1:{f}\"\nreverse_listen = \"inet:127.0.0.1:{r}\"\n{dns}"),
         &[f, r],
     )
     .unwrap();
@@ -56,8 +73,7 @@ async fn start_postfix(d: &Daemons) -> PostfixInstance {
         // into the original sender's address, which is relayed to the sink.
         .relay_domains("dest.example, test.example")
         // A forwarding address: fwd@alias.example goes on to dave@dest.example.
-        .main_cf("virtual_alias_domains = alias.example")
-        .main_cf("virtual_alias_maps = inline:{ fwd@alias.example=dave@dest.example }")
+        .virtual_alias("fwd@alias.example", "dave@dest.example")
         .start()
         .await
         .unwrap()
@@ -65,6 +81,22 @@ async fn start_postfix(d: &Daemons) -> PostfixInstance {
 
 fn message(from: &str, to: &str, subject: &str) -> Vec<u8> {
     format!("From: <{from}>\r\nTo: <{to}>\r\nSubject: {subject}\r\nMessage-ID: <{subject}@local.example>\r\nDate: Wed, 25 Nov 2026 07:00:00 +0000\r\n\r\nHello from the foundation test.\r\n.leading dot line\r\nBye.\r\n").into_bytes()
+}
+
+/// Sends like a real SMTP client facing greylisting: a 450 at RCPT is retried once, after the
+/// configured 1 s delay. Returns the transcripts of every attempt.
+async fn send_retrying(postfix: &PostfixInstance, outgoing: &Outgoing) -> Vec<Transcript> {
+    let first = postfix.send(outgoing).await.unwrap();
+    let greylisted = first
+        .exchanges
+        .iter()
+        .any(|(cmd, reply)| cmd.starts_with("RCPT") && reply.code == 450);
+    if !greylisted {
+        return vec![first];
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let second = postfix.send(outgoing).await.unwrap();
+    vec![first, second]
 }
 
 #[tokio::test]
@@ -75,7 +107,8 @@ async fn message_passes_through_postfix_with_all_three_daemons() {
     ) {
         return;
     }
-    let daemons = start_daemons();
+    let dns = TestDns::start(Zone::parse(ZONE).unwrap()).await.unwrap();
+    let daemons = start_daemons(dns.addr());
     let postfix = start_postfix(&daemons).await;
 
     // 1. A local sender: nothing to rewrite, nothing to change.
@@ -85,7 +118,19 @@ async fn message_passes_through_postfix_with_all_three_daemons() {
         to: vec!["bob@dest.example".into()],
         data: message("alice@local.example", "bob@dest.example", "foundation"),
     };
-    let transcript = postfix.send(&outgoing).await.unwrap();
+    // The policy server answers through Postfix: the new triplet is greylisted with postgrey's
+    // text, the retry after the delay passes.
+    let attempts = send_retrying(&postfix, &outgoing).await;
+    assert_eq!(attempts.len(), 2, "{attempts:?}\n{}", postfix.maillog());
+    let refused = attempts[0].reply_to("RCPT").unwrap();
+    assert_eq!(refused.code, 450, "{refused:?}");
+    assert!(
+        refused
+            .text
+            .starts_with("4.2.0 <bob@dest.example>: Recipient address rejected: Greylisted"),
+        "{refused:?}"
+    );
+    let transcript = &attempts[1];
     assert!(
         transcript.accepted(),
         "{transcript:?}\n{}",
@@ -100,27 +145,55 @@ async fn message_passes_through_postfix_with_all_three_daemons() {
     assert_eq!(got.rcpt_to, vec!["bob@dest.example"]);
     assert_eq!(got.headers("Subject"), vec!["foundation"]);
     assert_eq!(got.headers("From"), vec!["<alice@local.example>"]);
-    assert!(
-        got.body()
-            .contains("Hello from the foundation test.\n.leading dot line\nBye."),
-        "{}",
-        got.text()
+    // Unchanged: the message as sent is the end of what arrived; before it only Postfix's
+    // Received header and at most one Authentication-Results header of ours.
+    assert!(got.data.ends_with(&outgoing.data), "{}", got.text());
+    let added = &got.data[..got.data.len() - outgoing.data.len()];
+    let added = String::from_utf8_lossy(added);
+    let names: Vec<&str> = added
+        .lines()
+        .filter(|l| !l.starts_with([' ', '\t']))
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name))
+        .collect();
+    assert_eq!(
+        names.iter().filter(|n| **n == "Received").count(),
+        1,
+        "{added}"
     );
-    assert!(got.headers("Authentication-Results").is_empty());
+    assert!(
+        names
+            .iter()
+            .all(|n| *n == "Received" || *n == "Authentication-Results"),
+        "{added}"
+    );
+    let results = got.headers("Authentication-Results");
+    assert!(results.len() <= 1, "{results:?}");
+    assert!(
+        results.iter().all(|r| r.starts_with("mx.test.example")),
+        "{results:?}"
+    );
 
     // The policy server answered the RCPT request, the milter saw the message, srsd was asked.
     daemons
         .policyd
         .wait_log("recipient=\"bob@dest.example\"", Duration::from_secs(5))
         .unwrap();
+    let policy_log = daemons.policyd.log();
     assert!(
-        daemons.policyd.log().contains("action=\"DUNNO\""),
-        "{}",
-        daemons.policyd.log()
+        policy_log.contains("action=\"DEFER_IF_PERMIT") && policy_log.contains("action=\"DUNNO\""),
+        "{policy_log}"
     );
+    // The milter logged its decision on this very message: the queue id Postfix gave it (in
+    // Postfix's Received header) is in the milter's log.
+    let received = got.headers("Received").join(" ");
+    let queue_id = received
+        .split_once(" id ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .map(|id| id.trim_end_matches(';').to_owned())
+        .unwrap_or_else(|| panic!("no queue id in {received:?}"));
     daemons
         .milter
-        .wait_log("message passed", Duration::from_secs(5))
+        .wait_log(&format!("queue_id=\"{queue_id}\""), Duration::from_secs(5))
         .unwrap();
     assert!(
         daemons
@@ -147,14 +220,21 @@ async fn message_passes_through_postfix_with_all_three_daemons() {
     let outgoing = Outgoing {
         helo: "mx.sender.example".into(),
         from: "carol@dest.example".into(),
-        to: vec!["dave@dest.example".into()],
-        data: message("carol@dest.example", "dave@dest.example", "srs"),
+        to: vec!["fwd@alias.example".into()],
+        data: message("carol@dest.example", "fwd@alias.example", "srs"),
     };
-    assert!(postfix.send(&outgoing).await.unwrap().accepted());
+    assert!(
+        send_retrying(&postfix, &outgoing)
+            .await
+            .last()
+            .unwrap()
+            .accepted()
+    );
     let delivered = postfix
         .wait_delivered(2, Duration::from_secs(30))
         .await
         .unwrap();
+    assert_eq!(delivered[1].rcpt_to, vec!["dave@dest.example"], "forwarded");
     let srs_sender = delivered[1].mail_from.clone();
     assert!(
         srs_sender.starts_with("SRS0=") && srs_sender.ends_with("=dest.example=carol@test.example"),
@@ -173,8 +253,8 @@ async fn message_passes_through_postfix_with_all_three_daemons() {
         to: vec![srs_sender.clone()],
         data: message("mailer-daemon@dest.example", &srs_sender, "bounce"),
     };
-    let transcript = postfix.send(&bounce).await.unwrap();
-    assert!(transcript.accepted(), "{transcript:?}");
+    let attempts = send_retrying(&postfix, &bounce).await;
+    assert!(attempts.last().unwrap().accepted(), "{attempts:?}");
     let delivered = postfix
         .wait_delivered(3, Duration::from_secs(30))
         .await
@@ -190,7 +270,13 @@ async fn message_passes_through_postfix_with_all_three_daemons() {
         to: vec![forged_address.into()],
         data: message("x@evil.example", forged_address, "forged"),
     };
-    assert!(postfix.send(&forged).await.unwrap().accepted());
+    assert!(
+        send_retrying(&postfix, &forged)
+            .await
+            .last()
+            .unwrap()
+            .accepted()
+    );
     let delivered = postfix
         .wait_delivered(4, Duration::from_secs(30))
         .await
@@ -200,4 +286,42 @@ async fn message_passes_through_postfix_with_all_three_daemons() {
         .srsd
         .wait_log("does not verify", Duration::from_secs(5))
         .unwrap();
+
+    // 5. Local submission (sendmail -> pickup -> cleanup): the non_smtpd_milters path, with no
+    // policy check; the milter sees it too and it arrives unchanged.
+    let local = message(
+        "alice@local.example",
+        "erin@dest.example",
+        "local-submission",
+    );
+    postfix
+        .sendmail("alice@local.example", &["erin@dest.example"], &local)
+        .unwrap();
+    let delivered = postfix
+        .wait_delivered(5, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let got = &delivered[4];
+    assert_eq!(got.rcpt_to, vec!["erin@dest.example"]);
+    assert_eq!(got.mail_from, "alice@local.example");
+    assert_eq!(got.headers("Subject"), vec!["local-submission"]);
+    assert!(got.body().contains(".leading dot line"), "{}", got.text());
+    let received = got.headers("Received").join(" ");
+    assert!(received.contains("(Postfix, from userid 0)"), "{received}");
+    let queue_id = received
+        .split_once(" id ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .map(|id| id.trim_end_matches(';').to_owned())
+        .unwrap();
+    daemons
+        .milter
+        .wait_log(&format!("queue_id=\"{queue_id}\""), Duration::from_secs(5))
+        .unwrap();
+    // Everything delivered: the queue is empty and a flush has nothing to do.
+    postfix.flush().unwrap();
+    assert!(
+        postfix.queue().contains("Mail queue is empty"),
+        "{}",
+        postfix.queue()
+    );
 }

@@ -76,7 +76,10 @@ pub struct ClientCount {
 /// hour since the last count).
 pub fn bump_client(prev: Option<ClientCount>, now: u64) -> Option<ClientCount> {
     match prev {
-        None => Some(ClientCount { count: 1, last: now }),
+        None => Some(ClientCount {
+            count: 1,
+            last: now,
+        }),
         Some(prev) if now >= prev.last.saturating_add(AWL_INTERVAL) || prev.last > now => {
             Some(ClientCount {
                 count: prev.count + 1,
@@ -368,7 +371,13 @@ mod tests {
     #[test]
     fn awl_counts_once_an_hour() {
         let one = bump_client(None, 1000).unwrap();
-        assert_eq!(one, ClientCount { count: 1, last: 1000 });
+        assert_eq!(
+            one,
+            ClientCount {
+                count: 1,
+                last: 1000
+            }
+        );
         assert_eq!(bump_client(Some(one), 1000 + 3599), None);
         assert_eq!(
             bump_client(Some(one), 1000 + 3600),
@@ -392,7 +401,10 @@ mod tests {
             ("a.42.b@example.com", "a.#.b@example.com"),
             ("prvs=0123456789=user@example.com", "user@example.com"),
             ("prvs=user=0123456789@example.com", "user@example.com"),
-            ("prvs=abcdefghij=klmnopqrst@example.com", "klmnopqrst@example.com"),
+            (
+                "prvs=abcdefghij=klmnopqrst@example.com",
+                "klmnopqrst@example.com",
+            ),
             ("prvs=x@example.com", "prvs=x@example.com"),
             ("", ""),
             ("no-at-sign", "no-at-sign"),

@@ -207,7 +207,9 @@ impl SpfConfig {
             ));
         }
         if self.authserv_id.trim().is_empty()
-            || self.authserv_id.contains(|c: char| c.is_whitespace() || c == ';')
+            || self
+                .authserv_id
+                .contains(|c: char| c.is_whitespace() || c == ';')
         {
             return Err(ConfigError::invalid(
                 "spf.authserv_id",
@@ -216,7 +218,10 @@ impl SpfConfig {
         }
         for (key, value) in [
             ("spf.helo_pass_restriction", &self.helo_pass_restriction),
-            ("spf.mail_from_pass_restriction", &self.mail_from_pass_restriction),
+            (
+                "spf.mail_from_pass_restriction",
+                &self.mail_from_pass_restriction,
+            ),
         ] {
             if let Some(name) = value
                 && (name.is_empty() || name.contains(char::is_whitespace))

@@ -1,5 +1,5 @@
 //! Postfix socketmap_table(5): requests and replies are netstrings (`LEN:DATA,`); a request is
-//! `NAME KEY`, a reply `OK VALUE`, `NOTFOUND `, `TEMP REASON`, `PERM REASON`.
+//! `NAME KEY`, a reply `OK VALUE`, `NOTFOUND REASON`, `TEMP REASON`, `PERM REASON`.
 
 use bytes::{Buf, BytesMut};
 use tokio_util::codec::Decoder;
@@ -27,8 +27,8 @@ pub enum Request {
 pub enum Reply {
     /// Found.
     Ok(String),
-    /// Not in the map.
-    NotFound,
+    /// Not in the map, with the reason (postsrsd 2.x writes one; Postfix ignores it).
+    NotFound(String),
     /// A temporary failure.
     Temp(String),
     /// A permanent failure.
@@ -40,10 +40,14 @@ impl Reply {
     pub fn encode(&self) -> Vec<u8> {
         let payload = match self {
             Self::Ok(value) => format!("OK {value}"),
-            Self::NotFound => "NOTFOUND ".to_owned(),
+            Self::NotFound(reason) => format!("NOTFOUND {reason}"),
             Self::Temp(reason) => format!("TEMP {reason}"),
             Self::Perm(reason) => format!("PERM {reason}"),
         };
+        if payload.len() > MAX_NETSTRING_BYTES {
+            // Postfix would drop the connection on a reply over its socketmap_max_reply.
+            return encode_netstring(b"PERM Too big.");
+        }
         encode_netstring(payload.as_bytes())
     }
 }
@@ -65,9 +69,20 @@ pub enum SocketmapError {
     /// Not a netstring.
     #[error("Invalid query.")]
     Malformed,
+    /// The client closed the connection in the middle of a request.
+    #[error("connection closed in the middle of a request")]
+    Truncated,
     /// The socket failed.
     #[error("read failed: {0}")]
     Io(String),
+}
+
+impl SocketmapError {
+    /// Whether the client should still get an error reply (it sent something we refuse), as
+    /// opposed to having gone away.
+    pub fn wants_reply(&self) -> bool {
+        !matches!(self, Self::Truncated | Self::Io(_))
+    }
 }
 
 impl From<std::io::Error> for SocketmapError {
@@ -133,6 +148,14 @@ impl Decoder for SocketmapDecoder {
         buf.advance(1);
         Ok(Some(parse_payload(&payload)))
     }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, SocketmapError> {
+        match self.decode(buf)? {
+            Some(request) => Ok(Some(request)),
+            None if buf.is_empty() => Ok(None),
+            None => Err(SocketmapError::Truncated),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -166,13 +189,22 @@ mod tests {
             }
         );
         assert_eq!(Reply::Ok("x@y".into()).encode(), b"6:OK x@y,");
-        assert_eq!(Reply::NotFound.encode(), b"9:NOTFOUND ,");
+        assert_eq!(Reply::NotFound(String::new()).encode(), b"9:NOTFOUND ,");
+        assert_eq!(
+            Reply::NotFound("Need not rewrite local domain.".into()).encode(),
+            b"39:NOTFOUND Need not rewrite local domain.,"
+        );
         assert_eq!(
             Reply::Perm("Too big.".into()).encode(),
             b"13:PERM Too big.,"
         );
         assert_eq!(Reply::Temp("later".into()).encode(), b"10:TEMP later,");
         assert_eq!(encode_netstring(b""), b"0:,");
+        // A reply Postfix would refuse is not sent.
+        assert_eq!(
+            Reply::Ok("a".repeat(MAX_NETSTRING_BYTES)).encode(),
+            b"13:PERM Too big.,"
+        );
     }
 
     #[test]
@@ -182,6 +214,22 @@ mod tests {
             let mut buf = BytesMut::from(&full[..cut]);
             assert_eq!(SocketmapDecoder.decode(&mut buf), Ok(None), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn end_of_stream_inside_a_netstring_is_truncation() {
+        let mut buf = BytesMut::from(&b"3:a b,30:forward a@"[..]);
+        assert!(matches!(
+            SocketmapDecoder.decode_eof(&mut buf),
+            Ok(Some(Request::Lookup { .. }))
+        ));
+        assert_eq!(
+            SocketmapDecoder.decode_eof(&mut buf),
+            Err(SocketmapError::Truncated)
+        );
+        assert!(!SocketmapError::Truncated.wants_reply());
+        assert!(SocketmapError::TooBig.wants_reply());
+        assert_eq!(SocketmapDecoder.decode_eof(&mut BytesMut::new()), Ok(None));
     }
 
     #[test]

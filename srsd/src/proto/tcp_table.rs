@@ -39,7 +39,17 @@ impl Reply {
             Self::Error(reason) => ("400", printable(reason)),
         };
         let mut line = format!("{code} {text}");
-        line.truncate(MAX_REPLY_BYTES - 1);
+        if line.len() >= MAX_REPLY_BYTES {
+            if code == "200" {
+                // A cut address would be a wrong address: better no rewrite at all.
+                return b"500 Result too long\n".to_vec();
+            }
+            let mut end = MAX_REPLY_BYTES - 1;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+        }
         line.push('\n');
         line.into_bytes()
     }
@@ -57,9 +67,20 @@ pub enum TcpTableError {
     /// Longer than [`MAX_LINE_BYTES`].
     #[error("request line longer than {MAX_LINE_BYTES} bytes")]
     LineTooLong,
+    /// The client closed the connection in the middle of a request.
+    #[error("connection closed in the middle of a request")]
+    Truncated,
     /// The socket failed.
     #[error("read failed: {0}")]
     Io(String),
+}
+
+impl TcpTableError {
+    /// Whether the client should still get an error reply (it sent something we refuse), as
+    /// opposed to having gone away.
+    pub fn wants_reply(&self) -> bool {
+        !matches!(self, Self::Truncated | Self::Io(_))
+    }
 }
 
 impl From<std::io::Error> for TcpTableError {
@@ -68,12 +89,12 @@ impl From<std::io::Error> for TcpTableError {
     }
 }
 
-/// %XX-encodes what Postfix's dict_tcp encodes: everything outside printable ASCII, plus space,
-/// `%` and `+` (which some decoders read as a space).
+/// %XX-encodes what Postfix's dict_tcp and postsrsd 1.x encode: everything outside printable
+/// ASCII, space, and `%`.
 pub fn encode_key(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for &b in text.as_bytes() {
-        if b.is_ascii_graphic() && b != b'%' && b != b'+' {
+        if b.is_ascii_graphic() && b != b'%' {
             out.push(char::from(b));
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -127,9 +148,11 @@ impl Decoder for TcpTableDecoder {
     type Error = TcpTableError;
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, TcpTableError> {
-        match buf[self.scanned..].iter().position(|&b| b == b'\n') {
+        // Never trust the saved offset beyond the buffer it was taken from.
+        let start = self.scanned.min(buf.len());
+        match buf[start..].iter().position(|&b| b == b'\n') {
             Some(offset) => {
-                let end = self.scanned + offset;
+                let end = start + offset;
                 self.scanned = 0;
                 if end > MAX_LINE_BYTES + 1 {
                     return Err(TcpTableError::LineTooLong);
@@ -141,6 +164,17 @@ impl Decoder for TcpTableDecoder {
             None => {
                 self.scanned = buf.len();
                 Ok(None)
+            }
+        }
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, TcpTableError> {
+        match self.decode(buf)? {
+            Some(request) => Ok(Some(request)),
+            None if buf.is_empty() => Ok(None),
+            None => {
+                self.scanned = 0;
+                Err(TcpTableError::Truncated)
             }
         }
     }
@@ -178,8 +212,18 @@ mod tests {
         );
         assert_eq!(
             Reply::Found("a b+c%@x".into()).encode(),
-            b"200 a%20b%2Bc%25@x\n"
+            b"200 a%20b+c%25@x\n"
         );
+        // Never a truncated address; reasons are cut at a character boundary.
+        let long = "a".repeat(MAX_REPLY_BYTES);
+        assert_eq!(
+            Reply::Found(long.clone()).encode(),
+            b"500 Result too long\n"
+        );
+        let reason = "é".repeat(MAX_REPLY_BYTES);
+        let line = Reply::NotFound(reason).encode();
+        assert!(line.len() <= MAX_REPLY_BYTES && line.ends_with(b"\n"));
+        assert!(std::str::from_utf8(&line).is_ok());
         assert_eq!(
             Reply::NotFound("Domain excluded\nby policy".into()).encode(),
             b"500 Domain excluded by policy\n"
@@ -208,6 +252,17 @@ mod tests {
         );
         let long = vec![b'a'; MAX_LINE_BYTES + 10];
         assert_eq!(decode_all(&long), Err(TcpTableError::LineTooLong));
+        assert!(TcpTableError::LineTooLong.wants_reply());
+        // End of stream: between requests is clean, inside one is an error without a reply.
+        let mut buf = BytesMut::from(&b"get a@b\nget c"[..]);
+        let mut decoder = TcpTableDecoder::default();
+        assert_eq!(
+            decoder.decode_eof(&mut buf),
+            Ok(Some(Request::Get("a@b".into())))
+        );
+        assert_eq!(decoder.decode_eof(&mut buf), Err(TcpTableError::Truncated));
+        assert!(!TcpTableError::Truncated.wants_reply());
+        assert_eq!(decoder.decode_eof(&mut BytesMut::new()), Ok(None));
     }
 
     #[test]

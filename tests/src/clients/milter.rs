@@ -99,8 +99,19 @@ pub struct MilterMessage {
 impl MilterMessage {
     /// Splits an RFC 5322 message (CRLF or LF) into headers and body.
     pub fn parse(raw: &[u8], mail_from: &str, rcpt_to: &[&str]) -> Self {
-        let text = String::from_utf8_lossy(raw).replace("\r\n", "\n");
-        let (head, body) = text.split_once("\n\n").unwrap_or((text.as_str(), ""));
+        // Headers as text; the body as bytes (8-bit bodies must reach a verifier unchanged).
+        let split = (0..raw.len()).find_map(|i| {
+            if raw[i..].starts_with(b"\r\n\r\n") {
+                Some((i, i + 4))
+            } else if raw[i..].starts_with(b"\n\n") {
+                Some((i, i + 2))
+            } else {
+                None
+            }
+        });
+        let (head, body) =
+            split.map_or((raw, &b""[..]), |(end, start)| (&raw[..end], &raw[start..]));
+        let head = String::from_utf8_lossy(head).replace("\r\n", "\n");
         let mut headers: Vec<(String, String)> = Vec::new();
         for line in head.lines() {
             if line.starts_with([' ', '\t']) {
@@ -121,9 +132,21 @@ impl MilterMessage {
             mail_macros: Vec::new(),
             queue_id: "4ABCDEF0123".to_owned(),
             headers,
-            body: body.replace('\n', "\r\n").into_bytes(),
+            body: crlf(body),
         }
     }
+}
+
+/// LF or CRLF line ends to CRLF, byte for byte otherwise.
+fn crlf(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 32);
+    for (i, &b) in body.iter().enumerate() {
+        if b == b'\n' && (i == 0 || body[i - 1] != b'\r') {
+            out.push(b'\r');
+        }
+        out.push(b);
+    }
+    out
 }
 
 /// What one message produced.
@@ -367,6 +390,12 @@ impl MilterClient {
         }
     }
 
+    /// Forgets the current message and keeps the connection for the next one (SMFIC_ABORT, no
+    /// reply expected): what Postfix sends after each message and at RSET.
+    pub async fn abort(&mut self) -> anyhow::Result<()> {
+        self.send(b'A', &[]).await
+    }
+
     /// Ends the session politely.
     pub async fn quit(mut self) -> anyhow::Result<()> {
         self.send(b'Q', &[]).await
@@ -436,4 +465,26 @@ pub fn sample_message(from_domain: &str) -> Vec<u8> {
         );
     }
     raw
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_keeps_8bit_bodies_and_folded_headers() {
+        let raw = b"From: a@x.test\nSubject: one\n two\n\nl\xe9ine\r\nnext\n";
+        let m = MilterMessage::parse(raw, "a@x.test", &["b@y.test"]);
+        assert_eq!(
+            m.headers,
+            vec![
+                ("From".to_owned(), "a@x.test".to_owned()),
+                ("Subject".to_owned(), "one\n two".to_owned())
+            ]
+        );
+        assert_eq!(m.body, b"l\xe9ine\r\nnext\r\n");
+        let crlf_raw = b"A: b\r\n\r\nbody\r\n";
+        assert_eq!(MilterMessage::parse(crlf_raw, "", &[]).body, b"body\r\n");
+        assert_eq!(sample_message("example.test").len() / 1024, 4);
+    }
 }
