@@ -12,6 +12,11 @@ packages=(
     postgrey postsrsd opendkim opendkim-tools opendmarc postfix-policyd-spf-python
     iproute2 procps
 )
+# dkimpy (and PyNaCl for its Ed25519) for the DKIM interoperability tests, from PyPI.
+if ! python3 -c 'import dkim, nacl' 2>/dev/null; then
+    echo "setup: installing dkimpy and pynacl (pip)"
+    python3 -m pip install --quiet dkimpy pynacl
+fi
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
