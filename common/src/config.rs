@@ -196,6 +196,20 @@ fn validate_common<C: DaemonConfig>(config: &C) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Parses a unix-socket mode written as an octal string ("0660", "0o660"); `key` names the
+/// setting in the error.
+pub fn parse_socket_mode(key: &str, text: &str) -> Result<u32, ConfigError> {
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                key,
+                format!("{text:?} is not an octal file mode such as \"0660\""),
+            )
+        })
+}
+
 /// The `[dns]` table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -534,6 +548,18 @@ mod tests {
         let (_dir, path) = write("[dns]\ntimeout = 0\n");
         let text = load_file::<TestConfig>(&path).unwrap_err().to_string();
         assert!(text.contains("key `dns.timeout`"), "{text}");
+    }
+
+    #[test]
+    fn socket_modes_are_octal() {
+        assert_eq!(parse_socket_mode("socket_mode", "0660").unwrap(), 0o660);
+        assert_eq!(parse_socket_mode("socket_mode", "0o600").unwrap(), 0o600);
+        for bad in ["rw", "0999", "1777", ""] {
+            let err = parse_socket_mode("socket_mode", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("key `socket_mode`"), "{err}");
+        }
     }
 
     #[test]

@@ -140,18 +140,7 @@ impl SrsdConfig {
 
     /// `socket_mode` as a number.
     pub fn socket_mode_bits(&self) -> Result<u32, ConfigError> {
-        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|mode| *mode <= 0o777)
-            .ok_or_else(|| {
-                ConfigError::invalid(
-                    "socket_mode",
-                    format!(
-                        "{:?} is not an octal file mode such as \"0660\"",
-                        self.socket_mode
-                    ),
-                )
-            })
+        postern_common::config::parse_socket_mode("socket_mode", &self.socket_mode)
     }
 
     /// The SRS domain: configured, else /etc/mailname.
