@@ -30,6 +30,11 @@ enum Command {
     /// Administer the greylist store
     #[command(subcommand)]
     Greylist(GreylistCommand),
+    /// Convert an existing policyd-spf.conf to policyd.toml's [spf] table (on stdout)
+    PolicydSpfImport {
+        /// The policyd-spf.conf file
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,10 +110,32 @@ fn admin(cli: &Cli, command: &GreylistCommand) -> ExitCode {
     }
 }
 
+fn import_spf(file: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(err) => {
+            eprintln!("postern-policyd: {}: {err}", file.display());
+            return ExitCode::from(postern_common::exit::EX_RUNTIME);
+        }
+    };
+    match postern_policyd::spf::import_policyd_spf_conf(&text) {
+        Ok(toml) => {
+            print!("{toml}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("postern-policyd: {}: {err}", file.display());
+            ExitCode::from(postern_common::exit::EX_CONFIG)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli: Cli = cli::parse();
-    if let Some(Command::Greylist(command)) = &cli.command {
-        return admin(&cli, command);
+    match &cli.command {
+        Some(Command::Greylist(command)) => return admin(&cli, command),
+        Some(Command::PolicydSpfImport { file }) => return import_spf(file),
+        None => {}
     }
     if cli.stdio {
         postern_common::daemon::run::<Policyd, _, _>(&cli.common, server::run_stdio)

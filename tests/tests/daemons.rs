@@ -477,3 +477,34 @@ fn metrics_endpoint_counts_requests() {
         "{body}"
     );
 }
+
+#[test]
+fn policyd_spf_import_converts_a_policyd_spf_conf() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("policyd-spf.conf");
+    std::fs::write(&conf, "debugLevel = 1\nTestOnly = 1\nHELO_reject = SPF_Not_Pass\nMail_From_reject = Fail\nPermError_reject = False\nTempError_Defer = False\nskip_addresses = 127.0.0.0/8,::ffff:127.0.0.0/104,::1\n").unwrap();
+    let (code, out) = run("policyd", &["policyd-spf-import", conf.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("[spf]"), "{out}");
+    // The output is a valid policyd.toml.
+    let toml_path = dir.path().join("policyd.toml");
+    let body: String = out
+        .lines()
+        .filter(|l| !l.starts_with("#"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(
+        &toml_path,
+        format!(
+            "state_dir = \"{}\"\n{body}",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let (code, out) = run(
+        "policyd",
+        &["-c", toml_path.to_str().unwrap(), "--check-config"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("helo_reject"), "{out}");
+}
