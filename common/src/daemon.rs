@@ -56,6 +56,33 @@ pub fn load_and_build<D: Daemon>(path: Option<&Path>) -> Result<Loaded<D>, Confi
     Ok((config, daemon, used))
 }
 
+/// For one-shot subcommands (`reports send`, `dns-check`, ...): a single-threaded runtime, and the
+/// config and state built inside its context (state may hold lazily connected pools, which need
+/// one). On failure the message is printed and the exit code (78 or 1) returned.
+pub fn load_for_command<D: Daemon>(
+    path: Option<&Path>,
+) -> Result<(tokio::runtime::Runtime, Loaded<D>), ExitCode> {
+    let program = format!("postern-{}", D::Config::DAEMON);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| {
+            eprintln!("{program}: cannot start the runtime: {err}");
+            ExitCode::from(EX_RUNTIME)
+        })?;
+    let loaded = {
+        let _context = runtime.enter();
+        load_and_build::<D>(path)
+    };
+    match loaded {
+        Ok(loaded) => Ok((runtime, loaded)),
+        Err(err) => {
+            eprintln!("{program}: {err}");
+            Err(ExitCode::from(EX_CONFIG))
+        }
+    }
+}
+
 /// Creates the state directory if missing (mode 0750) and checks that it is writable.
 pub fn ensure_state_dir(dir: &Path) -> Result<(), ConfigError> {
     use std::os::unix::fs::DirBuilderExt;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use postern_common::cli::{self, CommonArgs};
-use postern_common::exit::{EX_CONFIG, EX_OK, EX_RUNTIME};
+use postern_common::exit::{EX_OK, EX_RUNTIME};
 use postern_milter::dkim::keys::KeygenAlgorithm;
 use postern_milter::server::{self, Milter};
 
@@ -109,25 +109,11 @@ fn keygen(
 }
 
 fn dns_check(common: &CommonArgs) -> ExitCode {
-    let (config, milter, _) =
-        match postern_common::daemon::load_and_build::<Milter>(common.config.as_deref()) {
+    let (runtime, (_config, milter, _)) =
+        match postern_common::daemon::load_for_command::<Milter>(common.config.as_deref()) {
             Ok(loaded) => loaded,
-            Err(err) => {
-                eprintln!("postern-milter: {err:#}");
-                return code(EX_CONFIG);
-            }
+            Err(code) => return code,
         };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("postern-milter: {err}");
-            return code(EX_RUNTIME);
-        }
-    };
-    let _ = config;
     let bad = runtime.block_on(postern_milter::dkim::dns_check(
         &milter.auth,
         &milter.dkim,
@@ -144,24 +130,11 @@ fn dns_check(common: &CommonArgs) -> ExitCode {
 }
 
 fn reports(common: &CommonArgs, action: ReportsAction) -> ExitCode {
-    let (config, milter, _) =
-        match postern_common::daemon::load_and_build::<Milter>(common.config.as_deref()) {
+    let (runtime, (config, milter, _)) =
+        match postern_common::daemon::load_for_command::<Milter>(common.config.as_deref()) {
             Ok(loaded) => loaded,
-            Err(err) => {
-                eprintln!("postern-milter: {err:#}");
-                return code(EX_CONFIG);
-            }
+            Err(code) => return code,
         };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("postern-milter: {err}");
-            return code(EX_RUNTIME);
-        }
-    };
     let reports = &config.dmarc.reports;
     let state_dir = &config.state_dir;
     let now = postern_common::clock::Clock::unix(&postern_common::clock::SystemClock) as i64;
