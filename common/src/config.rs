@@ -39,6 +39,11 @@ pub trait DaemonConfig:
         Ok(())
     }
 
+    /// Threads serving requests; 0 means one per CPU core the process may run on.
+    fn worker_threads(&self) -> usize {
+        0
+    }
+
     /// The default config file: `/etc/postern/<daemon>.toml`.
     fn default_path() -> PathBuf {
         Path::new(DEFAULT_CONFIG_DIR).join(format!("{}.toml", Self::DAEMON))

@@ -111,10 +111,15 @@ where
 {
     let program = format!("postern-{}", D::Config::DAEMON);
     // The runtime comes first: building the state may set up pools that need its context.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // Its size is the one setting read before that (a broken file is reported just below).
+    let threads = config::load_path::<D::Config>(args.config.as_deref())
+        .map(|(config, _)| config.worker_threads())
+        .unwrap_or(0);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("{program}: cannot start the runtime: {err}");

@@ -118,6 +118,9 @@ impl Daemon for Srsd {
         if old.socketmap_listen != new.socketmap_listen {
             keys.push("socketmap_listen");
         }
+        if old.worker_threads != new.worker_threads {
+            keys.push("worker_threads");
+        }
         keys
     }
 }

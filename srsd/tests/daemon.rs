@@ -633,3 +633,20 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The runtime's worker threads, by their names in /proc.
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count()
+}
+
+#[test]
+fn one_worker_thread_by_default_and_as_configured() {
+    let srsd = Srsd::start("");
+    assert_eq!(worker_threads(srsd.child.id()), 1);
+    let srsd = Srsd::start("worker_threads = 3\n");
+    assert_eq!(worker_threads(srsd.child.id()), 3);
+}

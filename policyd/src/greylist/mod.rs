@@ -25,7 +25,9 @@ use crate::proto::{PolicyReply, PolicyRequest};
 use logic::{ClientCount, ClientKeying, InstanceMemory, TripletRules, TripletSeen};
 use redis_store::RedisStore;
 use sqlite::SqliteStore;
-use store::{Entry, Kind, MemoryStore, Stats, Store, StoreError, StoreUrl};
+use store::{
+    Entry, GreylistStep, Kind, MemoryStore, Stats, StepOutcome, Store, StoreError, StoreUrl,
+};
 use whitelist::{ClientWhitelist, RecipientWhitelist};
 
 /// The `[greylist]` table. Defaults are postgrey's.
@@ -254,6 +256,9 @@ impl Store for Backend {
     async fn import(&self, entries: &[Entry]) -> Result<u64, StoreError> {
         dispatch!(self, s => s.import(entries).await)
     }
+    async fn greylist_step(&self, step: &GreylistStep) -> Result<StepOutcome, StoreError> {
+        dispatch!(self, s => s.greylist_step(step).await)
+    }
 }
 
 /// An answer and why, for the decision log line.
@@ -431,41 +436,37 @@ impl Greylist {
             .await
             .map_err(|_| GreylistStoreError::Timeout(timeout))??;
         let awl_key = logic::client_awl_key(ip, self.config.privacy);
-        let awl = self.config.auto_whitelist_clients;
-        let work = async {
-            if awl > 0
-                && let Some(count) = store.client(&awl_key).await?
-                && count.count >= awl
-            {
-                // postgrey refreshes the last-seen time (and counts, for statistics) at most
-                // once an hour.
-                store.bump_client(&awl_key, now).await?;
-                return Ok(Verdict::dunno("client AWL"));
-            }
-            let keying = ClientKeying {
-                ipv4_prefix: self.config.ipv4_cidr,
-                ipv6_prefix: self.config.ipv6_cidr,
-                by_host: self.config.lookup_by_host,
-            };
-            let key = logic::triplet_key(
+        let keying = ClientKeying {
+            ipv4_prefix: self.config.ipv4_cidr,
+            ipv6_prefix: self.config.ipv6_cidr,
+            by_host: self.config.lookup_by_host,
+        };
+        let rules = self.config.rules();
+        let step = GreylistStep {
+            triplet_key: logic::triplet_key(
                 &logic::client_net(ip, keying),
                 sender,
                 recipient,
                 self.config.privacy,
-            );
-            let rules = self.config.rules();
-            let seen = store.record_triplet(&key, now, rules).await?;
-            let waited = now.saturating_sub(seen.first);
-            let passed = waited >= rules.delay;
-            if awl > 0
-                && passed
-                && !seen.last_was_successful
-                && let Some(count) = store.bump_client(&awl_key, now).await?
-                && count.count == awl
-            {
-                info!(client = %ip, client_name, "client auto-whitelisted");
+            ),
+            awl_key,
+            now,
+            rules,
+            awl_threshold: self.config.auto_whitelist_clients,
+        };
+        let work = async {
+            match store.greylist_step(&step).await? {
+                StepOutcome::ClientAwl => Ok(Verdict::dunno("client AWL")),
+                StepOutcome::Triplet {
+                    seen,
+                    client_bumped,
+                } => {
+                    if client_bumped.is_some_and(|c| c.count == step.awl_threshold) {
+                        info!(client = %ip, client_name, "client auto-whitelisted");
+                    }
+                    Ok::<_, StoreError>(self.answer(request, seen, now, rules.delay, recipient))
+                }
             }
-            Ok::<_, StoreError>(self.answer(request, seen, now, rules.delay, recipient))
         };
         tokio::time::timeout(timeout, work)
             .await

@@ -1,18 +1,34 @@
-//! The embedded store: one SQLite file in WAL mode. Each request is one atomic UPSERT (the
-//! postgrey rules are written in SQL, so readers and the writer never hold a transaction across
-//! statements), and expiry deletes in small indexed batches.
+//! The embedded store: one SQLite file in WAL mode. The postgrey rules are written in SQL
+//! UPSERTs, so each write is atomic without a read-modify-write transaction. Requests are group
+//! committed: one worker task takes every request waiting at that moment and does their AWL
+//! lookups, triplet upserts and AWL counts as three multi-row statements in one transaction, and
+//! answers each request once that transaction is committed. Under load the cost of a commit and
+//! of a round trip to SQLite's thread is shared by the whole batch; an idle store answers a lone
+//! request at once. Expiry deletes in small indexed batches between transactions.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::Row;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
+use sqlx::{ConnectOptions, Row};
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
 
-use super::logic::{AWL_INTERVAL, ClientCount, TripletRules, TripletSeen};
-use super::store::{Entry, Kind, Stats, Store, StoreError};
+use super::logic::{
+    AWL_INTERVAL, ClientCount, TripletRules, TripletSeen, TripletTimes, bump_client, record_triplet,
+};
+use super::store::{Entry, GreylistStep, Kind, Stats, StepOutcome, Store, StoreError};
+
+/// Requests in one group commit at most.
+const MAX_BATCH: usize = 128;
+
+/// Requests waiting for the worker; a sender blocks (within the store timeout) beyond this.
+const QUEUE_DEPTH: usize = 4096;
 
 const SCHEMA: [&str; 4] = [
     "CREATE TABLE IF NOT EXISTS triplets (key TEXT PRIMARY KEY NOT NULL, first INTEGER NOT NULL, \
@@ -27,6 +43,14 @@ const SCHEMA: [&str; 4] = [
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    jobs: mpsc::Sender<Job>,
+}
+
+/// A request waiting for a group commit.
+#[derive(Debug)]
+struct StepJob {
+    step: GreylistStep,
+    reply: oneshot::Sender<Result<StepOutcome, StoreError>>,
 }
 
 fn to_i64(value: u64) -> i64 {
@@ -48,17 +72,20 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
             .pragma("cache_size", "-16000");
-        // One connection: every request writes (last seen), and SQLite has one writer at a
-        // time anyway; queueing in the pool is cheaper than SQLite's busy-wait sleeps.
+        // The group-commit worker owns the one connection that writes for requests and
+        // expiry; the pool (one connection) serves the admin commands and imports.
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
         }
-        Ok(Self { pool })
+        let writer = options.connect().await?;
+        let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
+        tokio::spawn(group_commit_worker(writer, queue));
+        Ok(Self { pool, jobs })
     }
 
     /// Closes the pool (checkpointing the WAL).
@@ -67,7 +94,533 @@ impl SqliteStore {
     }
 }
 
+/// Work for the worker that owns the writing connection.
+#[derive(Debug)]
+enum Job {
+    /// A request's greylisting step.
+    Step(StepJob),
+    /// One expiry batch, run between group commits so it never holds the write lock long.
+    Expire {
+        cutoff: u64,
+        batch: u32,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+}
+
+/// Takes the requests waiting, decides them, commits them as one transaction, answers each;
+/// ends when every handle of the store is dropped and the queue is empty.
+///
+/// Under load the work is pipelined: the write of one batch and the read of the next go to
+/// SQLite's thread in one round trip (the read after the commit, so it sees it), and a batch is
+/// answered when that round trip returns. An idle worker writes a batch at once.
+async fn group_commit_worker(mut conn: SqliteConnection, mut queue: mpsc::Receiver<Job>) {
+    let mut cache = RowCache::default();
+    let mut pending: Option<Decided> = None;
+    let mut expiries = Vec::new();
+    loop {
+        let mut steps = Vec::new();
+        let open = if pending.is_some() {
+            take_waiting(&mut queue, &mut steps, &mut expiries);
+            true
+        } else {
+            match queue.recv().await {
+                Some(job) => {
+                    // Requests that arrived together are parsed by their connections' tasks,
+                    // which may not have queued yet: let them run first, to join this batch.
+                    tokio::task::yield_now().await;
+                    sort_job(job, &mut steps, &mut expiries);
+                    take_waiting(&mut queue, &mut steps, &mut expiries);
+                    true
+                }
+                None => false,
+            }
+        };
+        if steps.is_empty() {
+            if let Some(decided) = pending.take() {
+                let written = write_rows(&mut conn, &decided.write, None).await;
+                finish(&mut cache, Some(decided), Vec::new(), written.map(|_| ()));
+            }
+            for job in expiries.drain(..) {
+                if let Job::Expire {
+                    cutoff,
+                    batch,
+                    reply,
+                } = job
+                {
+                    // Expired rows may be cached; they are gone from the database now.
+                    cache.clear();
+                    let _ = reply.send(expire_batch(&mut conn, cutoff, batch).await);
+                }
+            }
+            if !open {
+                return;
+            }
+            continue;
+        }
+        metrics::histogram!("postern_policyd_greylist_batch_requests").record(steps.len() as f64);
+        let batch: Vec<&GreylistStep> = steps.iter().map(|job| &job.step).collect();
+        let plan = ReadPlan::new(&cache, &batch);
+        let read = match pending.take() {
+            Some(decided) => {
+                let result = write_rows(&mut conn, &decided.write, Some(&plan)).await;
+                let (written, rows) = match result {
+                    Ok(rows) => (Ok(()), Ok(rows)),
+                    Err(err) => {
+                        let message = err.to_string();
+                        (
+                            Err(StoreError::Batch(message.clone())),
+                            Err(StoreError::Batch(message)),
+                        )
+                    }
+                };
+                finish(&mut cache, Some(decided), Vec::new(), written);
+                rows
+            }
+            None => plan.read(&mut conn).await,
+        };
+        let decided = read.and_then(|rows| Ok(decide(&mut cache, &batch, plan, rows)?));
+        drop(batch);
+        match decided {
+            Ok(mut decided) if decided.write.is_empty() => {
+                decided.jobs = steps;
+                finish(&mut cache, Some(decided), Vec::new(), Ok(()));
+            }
+            Ok(mut decided) => {
+                decided.jobs = steps;
+                pending = Some(decided);
+            }
+            Err(err) => finish(&mut cache, None, steps, Err(err)),
+        }
+    }
+}
+
+/// Queues a job for this round.
+fn sort_job(job: Job, steps: &mut Vec<StepJob>, expiries: &mut Vec<Job>) {
+    match job {
+        // A requester that gave up (store timeout) is not waited for.
+        Job::Step(step) if step.reply.is_closed() => {}
+        Job::Step(step) => steps.push(step),
+        Job::Expire { .. } => expiries.push(job),
+    }
+}
+
+/// Takes what is waiting, up to a full batch.
+fn take_waiting(
+    queue: &mut mpsc::Receiver<Job>,
+    steps: &mut Vec<StepJob>,
+    expiries: &mut Vec<Job>,
+) {
+    while steps.len() < MAX_BATCH {
+        match queue.try_recv() {
+            Ok(job) => sort_job(job, steps, expiries),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Answers a decided batch (its write committed, or failed) and any undecided jobs.
+fn finish(
+    cache: &mut RowCache,
+    decided: Option<Decided>,
+    undecided: Vec<StepJob>,
+    result: Result<(), StoreError>,
+) {
+    match result {
+        Ok(()) => {
+            if let Some(decided) = decided {
+                for (job, outcome) in decided.jobs.into_iter().zip(decided.outcomes) {
+                    // The requester may have timed out meanwhile; its rows are written anyway.
+                    let _ = job.reply.send(Ok(outcome));
+                }
+            }
+        }
+        Err(err) => {
+            // What was committed is not known: forget what the cache holds.
+            cache.clear();
+            let message = err.to_string();
+            let jobs: Vec<StepJob> = decided
+                .into_iter()
+                .flat_map(|d| d.jobs)
+                .chain(undecided)
+                .collect();
+            warn!(requests = jobs.len(), error = %message, "greylist batch failed");
+            for job in jobs {
+                let _ = job.reply.send(Err(StoreError::Batch(message.clone())));
+            }
+        }
+    }
+}
+
+/// Deletes up to `batch` rows of each table last seen before `cutoff`.
+async fn expire_batch(
+    conn: &mut SqliteConnection,
+    cutoff: u64,
+    batch: u32,
+) -> Result<u64, StoreError> {
+    let mut deleted = 0;
+    for sql in [
+        "DELETE FROM triplets WHERE key IN (SELECT key FROM triplets WHERE last < ?1 LIMIT ?2)",
+        "DELETE FROM clients WHERE key IN (SELECT key FROM clients WHERE last < ?1 LIMIT ?2)",
+    ] {
+        deleted += sqlx::query(sql)
+            .bind(to_i64(cutoff))
+            .bind(i64::from(batch))
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    }
+    Ok(deleted)
+}
+
+/// Rows the worker read or wrote recently, as committed: `None` for a key known to be absent.
+/// Bounded (two generations of at most [`CACHE_GENERATION`] keys) and short-lived (a generation
+/// lasts [`CACHE_LIFETIME`]): another process's change to the file (`greylist delete`) is seen
+/// within two lifetimes.
+#[derive(Debug)]
+struct RowCache {
+    triplets: Generations<Option<(TripletTimes, bool)>>,
+    clients: Generations<Option<ClientCount>>,
+}
+
+impl Default for RowCache {
+    fn default() -> Self {
+        Self {
+            triplets: Generations::new(),
+            clients: Generations::new(),
+        }
+    }
+}
+
+impl RowCache {
+    fn clear(&mut self) {
+        self.triplets.clear();
+        self.clients.clear();
+    }
+}
+
+/// Keys cached per generation.
+const CACHE_GENERATION: usize = 8192;
+/// How long a generation takes new keys.
+const CACHE_LIFETIME: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct Generations<V> {
+    current: HashMap<String, V>,
+    previous: HashMap<String, V>,
+    started: std::time::Instant,
+}
+
+impl<V: Clone> Generations<V> {
+    fn new() -> Self {
+        Self {
+            current: HashMap::new(),
+            previous: HashMap::new(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<V> {
+        self.current
+            .get(key)
+            .or_else(|| self.previous.get(key))
+            .cloned()
+    }
+
+    fn insert(&mut self, key: &str, value: V) {
+        if self.current.len() >= CACHE_GENERATION || self.started.elapsed() >= CACHE_LIFETIME {
+            self.previous = std::mem::take(&mut self.current);
+            self.started = std::time::Instant::now();
+        }
+        self.current.insert(key.to_owned(), value);
+    }
+
+    fn clear(&mut self) {
+        self.current.clear();
+        self.previous.clear();
+    }
+}
+
+/// The rows of the given triplets and clients (JSON arrays of keys: one statement shape for
+/// every batch size, so SQLite prepares it once).
+macro_rules! read_rows_sql {
+    ($triplets:literal, $clients:literal) => {
+        concat!(
+            "SELECT 0, key, first, last, passed FROM triplets \
+               WHERE key IN (SELECT value FROM json_each(",
+            $triplets,
+            ")) UNION ALL SELECT 1, key, count, last, 0 FROM clients \
+               WHERE key IN (SELECT value FROM json_each(",
+            $clients,
+            "))"
+        )
+    };
+}
+
+/// The rows a batch changed, as JSON arrays of `[key, first|count, last(, passed)]`, in one
+/// transaction. `WHERE true` keeps SQLite's parser from reading `ON` as a join constraint.
+macro_rules! write_rows_sql {
+    () => {
+        "BEGIN IMMEDIATE; \
+         INSERT INTO triplets (key, first, last, passed) \
+           SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?1) \
+           WHERE true ON CONFLICT (key) DO UPDATE SET \
+             first = excluded.first, last = excluded.last, passed = excluded.passed; \
+         INSERT INTO clients (key, count, last) \
+           SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?2) \
+           WHERE true ON CONFLICT (key) DO UPDATE SET \
+             count = excluded.count, last = excluded.last; \
+         COMMIT"
+    };
+}
+
+const READ_ROWS: &str = read_rows_sql!("?1", "?2");
+const WRITE_ROWS: &str = write_rows_sql!();
+const WRITE_THEN_READ_ROWS: &str = concat!(write_rows_sql!(), "; ", read_rows_sql!("?3", "?4"));
+
+/// The rows a batch reads: what the cache does not hold.
+#[derive(Debug, Default)]
+struct ReadPlan {
+    triplets: Vec<String>,
+    clients: Vec<String>,
+}
+
+impl ReadPlan {
+    fn new(cache: &RowCache, steps: &[&GreylistStep]) -> Self {
+        let mut plan = Self::default();
+        for step in steps {
+            let key = &step.triplet_key;
+            if cache.triplets.get(key).is_none() && !plan.triplets.contains(key) {
+                plan.triplets.push(key.clone());
+            }
+            let key = &step.awl_key;
+            if step.awl_threshold > 0
+                && cache.clients.get(key).is_none()
+                && !plan.clients.contains(key)
+            {
+                plan.clients.push(key.clone());
+            }
+        }
+        plan
+    }
+
+    fn is_empty(&self) -> bool {
+        self.triplets.is_empty() && self.clients.is_empty()
+    }
+
+    fn json(&self) -> (String, String) {
+        (
+            serde_json::to_string(&self.triplets).unwrap_or_default(),
+            serde_json::to_string(&self.clients).unwrap_or_default(),
+        )
+    }
+
+    /// Reads alone (no write pending).
+    async fn read(&self, conn: &mut SqliteConnection) -> Result<Vec<SqliteRow>, StoreError> {
+        if self.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (triplets, clients) = self.json();
+        Ok(sqlx::query(READ_ROWS)
+            .bind(triplets)
+            .bind(clients)
+            .fetch_all(&mut *conn)
+            .await?)
+    }
+}
+
+/// Rows to write, as the JSON the write statement takes.
+#[derive(Debug, Default)]
+struct WriteRows {
+    triplets: Vec<(String, i64, i64, i64)>,
+    clients: Vec<(String, i64, i64)>,
+}
+
+impl WriteRows {
+    fn is_empty(&self) -> bool {
+        self.triplets.is_empty() && self.clients.is_empty()
+    }
+}
+
+/// A batch decided in memory, waiting for its write to commit before it is answered.
+#[derive(Debug, Default)]
+struct Decided {
+    jobs: Vec<StepJob>,
+    outcomes: Vec<StepOutcome>,
+    write: WriteRows,
+}
+
+/// Writes and commits a batch's rows, and with them (after the commit) the next batch's read.
+async fn write_rows(
+    conn: &mut SqliteConnection,
+    write: &WriteRows,
+    then_read: Option<&ReadPlan>,
+) -> Result<Vec<SqliteRow>, StoreError> {
+    let triplets = serde_json::to_string(&write.triplets).unwrap_or_default();
+    let clients = serde_json::to_string(&write.clients).unwrap_or_default();
+    let result = match then_read.filter(|plan| !plan.is_empty()) {
+        Some(plan) => {
+            let (read_triplets, read_clients) = plan.json();
+            sqlx::query(WRITE_THEN_READ_ROWS)
+                .bind(triplets)
+                .bind(clients)
+                .bind(read_triplets)
+                .bind(read_clients)
+                .fetch_all(&mut *conn)
+                .await
+        }
+        None => {
+            sqlx::query(WRITE_ROWS)
+                .bind(triplets)
+                .bind(clients)
+                .fetch_all(&mut *conn)
+                .await
+        }
+    };
+    if result.is_err() {
+        // The transaction may still be open (a statement after BEGIN failed): end it. Its own
+        // error, if any, adds nothing to the one reported.
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+    }
+    Ok(result?)
+}
+
+/// Applies postgrey's rules ([`record_triplet`], [`bump_client`]) to each step of a batch in
+/// turn, in memory, on the rows the cache holds and the rows read; returns the outcomes (in the
+/// order of `steps`, exactly [`Store::greylist_step`]'s composition run for each step in turn)
+/// and the rows that changed. The cache takes the new rows at once, so the next batch, decided
+/// before this one's write commits, sees them; if the write fails the cache is cleared.
+///
+/// This worker is the only writer in the process, so reading outside the write transaction is
+/// safe; a change made by another process in between (an admin `delete`) can be overwritten,
+/// as with a cached row.
+fn decide(
+    cache: &mut RowCache,
+    steps: &[&GreylistStep],
+    plan: ReadPlan,
+    rows: Vec<SqliteRow>,
+) -> Result<Decided, sqlx::Error> {
+    let mut triplets: HashMap<String, Option<(TripletTimes, bool)>> = HashMap::new();
+    let mut clients: HashMap<String, Option<ClientCount>> = HashMap::new();
+    for key in plan.triplets {
+        triplets.insert(key, None);
+    }
+    for key in plan.clients {
+        clients.insert(key, None);
+    }
+    for row in rows {
+        let key: String = row.try_get(1)?;
+        let (a, b) = (to_u64(row.try_get(2)?), to_u64(row.try_get(3)?));
+        if row.try_get::<i64, _>(0)? == 0 {
+            let passed = row.try_get::<i64, _>(4)? != 0;
+            triplets.insert(key, Some((TripletTimes { first: a, last: b }, passed)));
+        } else {
+            clients.insert(key, Some(ClientCount { count: a, last: b }));
+        }
+    }
+    for step in steps {
+        if !triplets.contains_key(&step.triplet_key) {
+            let cached = cache.triplets.get(&step.triplet_key).flatten();
+            triplets.insert(step.triplet_key.clone(), cached);
+        }
+        if step.awl_threshold > 0 && !clients.contains_key(&step.awl_key) {
+            let cached = cache.clients.get(&step.awl_key).flatten();
+            clients.insert(step.awl_key.clone(), cached);
+        }
+    }
+    let stored_triplets = triplets.clone();
+
+    let mut changed_clients: HashSet<&str> = HashSet::new();
+    let mut outcomes = Vec::with_capacity(steps.len());
+    for &step in steps {
+        let mut count_client = |clients: &mut HashMap<String, Option<ClientCount>>| {
+            let prev = clients.get(&step.awl_key).copied().flatten();
+            let next = bump_client(prev, step.now)?;
+            clients.insert(step.awl_key.clone(), Some(next));
+            changed_clients.insert(step.awl_key.as_str());
+            Some(next)
+        };
+        if step.awl_threshold > 0
+            && clients
+                .get(&step.awl_key)
+                .copied()
+                .flatten()
+                .is_some_and(|c| c.count >= step.awl_threshold)
+        {
+            count_client(&mut clients);
+            outcomes.push(StepOutcome::ClientAwl);
+            continue;
+        }
+        let prev = triplets
+            .get(&step.triplet_key)
+            .copied()
+            .flatten()
+            .map(|(times, _)| times);
+        let seen = record_triplet(prev, step.now, step.rules);
+        let times = TripletTimes {
+            first: seen.first,
+            last: step.now,
+        };
+        triplets.insert(
+            step.triplet_key.clone(),
+            Some((times, seen.last_was_successful)),
+        );
+        let client_bumped = if step.counts_for_awl(seen) {
+            count_client(&mut clients)
+        } else {
+            None
+        };
+        outcomes.push(StepOutcome::Triplet {
+            seen,
+            client_bumped,
+        });
+    }
+
+    let mut write = WriteRows::default();
+    for (key, row) in &triplets {
+        if let Some((times, passed)) = row
+            && stored_triplets.get(key) != Some(row)
+        {
+            write.triplets.push((
+                key.clone(),
+                to_i64(times.first),
+                to_i64(times.last),
+                i64::from(*passed),
+            ));
+        }
+    }
+    for key in changed_clients {
+        if let Some(Some(count)) = clients.get(key) {
+            write
+                .clients
+                .push((key.to_owned(), to_i64(count.count), to_i64(count.last)));
+        }
+    }
+    for (key, row) in triplets {
+        cache.triplets.insert(&key, row);
+    }
+    for (key, row) in clients {
+        cache.clients.insert(&key, row);
+    }
+    Ok(Decided {
+        jobs: Vec::new(),
+        outcomes,
+        write,
+    })
+}
+
 impl Store for SqliteStore {
+    async fn greylist_step(&self, step: &GreylistStep) -> Result<StepOutcome, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job::Step(StepJob {
+                step: step.clone(),
+                reply,
+            }))
+            .await
+            .map_err(|_| StoreError::WorkerGone)?;
+        answer.await.map_err(|_| StoreError::WorkerGone)?
+    }
+
     async fn record_triplet(
         &self,
         key: &str,
@@ -134,20 +687,16 @@ impl Store for SqliteStore {
     }
 
     async fn expire(&self, cutoff: u64, batch: u32) -> Result<u64, StoreError> {
-        let mut deleted = 0;
-        for table in ["triplets", "clients"] {
-            let sql = format!(
-                "DELETE FROM {table} WHERE key IN \
-                 (SELECT key FROM {table} WHERE last < ?1 LIMIT ?2)"
-            );
-            deleted += sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(to_i64(cutoff))
-                .bind(i64::from(batch))
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
-        }
-        Ok(deleted)
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job::Expire {
+                cutoff,
+                batch,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::WorkerGone)?;
+        answer.await.map_err(|_| StoreError::WorkerGone)?
     }
 
     async fn list(&self, filter: &str, limit: u64) -> Result<Vec<Entry>, StoreError> {
@@ -237,7 +786,175 @@ impl Store for SqliteStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::store::MemoryStore;
     use super::*;
+
+    fn step(triplet: &str, client: &str, now: u64, awl_threshold: u64) -> GreylistStep {
+        GreylistStep {
+            awl_key: client.to_owned(),
+            triplet_key: triplet.to_owned(),
+            now,
+            rules: RULES,
+            awl_threshold,
+        }
+    }
+
+    /// The group-commit path gives what the three-call composition gives on the reference
+    /// store, for every state a triplet and its client can be in.
+    #[tokio::test]
+    async fn group_commit_matches_the_composition_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = SqliteStore::open(&dir.path().join("g.sqlite"))
+            .await
+            .unwrap();
+        let memory = MemoryStore::default();
+        let times = [0u64, 299, 300, 301, 3600, 2 * 86_400 + 1, 3 * 86_400];
+        let mut n = 0;
+        for &first in &times {
+            for &last in times.iter().filter(|&&l| l >= first) {
+                for count in [None, Some(1u64), Some(4), Some(5), Some(9)] {
+                    for &now in &times {
+                        for threshold in [0, 5] {
+                            n += 1;
+                            let (triplet, client) = (format!("t{n}"), format!("c{n}"));
+                            let mut entries = vec![Entry {
+                                kind: Kind::Triplet,
+                                key: triplet.clone(),
+                                first_or_count: first,
+                                last,
+                            }];
+                            if let Some(count) = count {
+                                entries.push(Entry {
+                                    kind: Kind::Client,
+                                    key: client.clone(),
+                                    first_or_count: count,
+                                    last: first,
+                                });
+                            }
+                            sqlite.import(&entries).await.unwrap();
+                            memory.import(&entries).await.unwrap();
+                            let step = step(&triplet, &client, now, threshold);
+                            let got = sqlite.greylist_step(&step).await.unwrap();
+                            let want = memory.greylist_step(&step).await.unwrap();
+                            assert_eq!(got, want, "{step:?} count={count:?} last={last}");
+                            assert_eq!(
+                                sqlite.list(&client, 10).await.unwrap(),
+                                memory.list(&client, 10).await.unwrap(),
+                                "{step:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let fresh = step("fresh", "new-client", 42, 5);
+        assert_eq!(
+            sqlite.greylist_step(&fresh).await.unwrap(),
+            StepOutcome::Triplet {
+                seen: TripletSeen {
+                    first: 42,
+                    last_was_successful: false
+                },
+                client_bumped: None
+            }
+        );
+    }
+
+    /// Many requests at once: each gets its own triplet's answer, and requests for one triplet
+    /// are serialised (never two "first seen").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_requests_are_group_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = SqliteStore::open(&dir.path().join("g.sqlite"))
+            .await
+            .unwrap();
+        // Client c0 is auto-whitelisted; triplets t0..t99 were first seen at 1000.
+        let mut entries = vec![Entry {
+            kind: Kind::Client,
+            key: "c0".into(),
+            first_or_count: 5,
+            last: 1000,
+        }];
+        entries.extend((0..100).map(|i| Entry {
+            kind: Kind::Triplet,
+            key: format!("t{i}"),
+            first_or_count: 1000,
+            last: 1000,
+        }));
+        sqlite.import(&entries).await.unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..400u64 {
+            let store = sqlite.clone();
+            tasks.spawn(async move {
+                // t0..t99 retried after the delay, n0..n99 new, c0's mail, and 100 requests
+                // for the single triplet "same" in one second.
+                let step = match i / 100 {
+                    0 => step(&format!("t{i}"), &format!("c{}", i + 1), 1400, 5),
+                    1 => step(&format!("n{i}"), &format!("c{}", i + 1), 1400, 5),
+                    2 => step(&format!("x{i}"), "c0", 1400, 5),
+                    _ => step("same", "c-same", 2300, 5),
+                };
+                (i, step.clone(), store.greylist_step(&step).await.unwrap())
+            });
+        }
+        let mut same_firsts = HashSet::new();
+        while let Some(joined) = tasks.join_next().await {
+            let (i, step, outcome) = joined.unwrap();
+            match i / 100 {
+                0 => assert_eq!(
+                    outcome,
+                    StepOutcome::Triplet {
+                        seen: TripletSeen {
+                            first: 1000,
+                            last_was_successful: false
+                        },
+                        client_bumped: Some(ClientCount {
+                            count: 1,
+                            last: 1400
+                        })
+                    },
+                    "{step:?}"
+                ),
+                1 => assert_eq!(
+                    outcome,
+                    StepOutcome::Triplet {
+                        seen: TripletSeen {
+                            first: 1400,
+                            last_was_successful: false
+                        },
+                        client_bumped: None
+                    },
+                    "{step:?}"
+                ),
+                2 => assert_eq!(outcome, StepOutcome::ClientAwl, "{step:?}"),
+                _ => {
+                    let StepOutcome::Triplet { seen, .. } = outcome else {
+                        panic!("{step:?}: {outcome:?}");
+                    };
+                    same_firsts.insert(seen.first);
+                }
+            }
+        }
+        assert_eq!(same_firsts, HashSet::from([2300]));
+        let same = sqlite.list("same", 10).await.unwrap();
+        assert_eq!(
+            same,
+            [Entry {
+                kind: Kind::Triplet,
+                key: "same".into(),
+                first_or_count: 2300,
+                last: 2300
+            }]
+        );
+        let stats = sqlite.stats(300).await.unwrap();
+        assert_eq!(
+            stats.triplets,
+            100 + 100 + 1,
+            "t*, n*, same (c0 records none)"
+        );
+        assert_eq!(stats.passed, 100, "t* passed");
+        assert_eq!(stats.clients, 101, "c0 and the hundred c1..c100 of t*");
+    }
 
     const RULES: TripletRules = TripletRules {
         delay: 300,

@@ -31,6 +31,50 @@ pub enum StoreError {
     /// The store URL is not usable.
     #[error("{0}")]
     Url(String),
+    /// A batch of requests failed together (each request of the batch gets this copy).
+    #[error("sqlite: {0}")]
+    Batch(String),
+    /// The store's worker is gone (the store is shutting down).
+    #[error("greylist store worker stopped")]
+    WorkerGone,
+}
+
+/// One greylisting request's store work: the AWL check of the client, then the triplet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GreylistStep {
+    /// The client's AWL key.
+    pub awl_key: String,
+    /// The triplet's key.
+    pub triplet_key: String,
+    /// The request's time, Unix seconds.
+    pub now: u64,
+    /// Delay and retry window.
+    pub rules: TripletRules,
+    /// Deliveries after which a client is auto-whitelisted; 0 disables the AWL.
+    pub awl_threshold: u64,
+}
+
+impl GreylistStep {
+    /// Whether this request is a client's first pass of a triplet, which counts for the AWL.
+    pub fn counts_for_awl(&self, seen: TripletSeen) -> bool {
+        self.awl_threshold > 0
+            && self.now.saturating_sub(seen.first) >= self.rules.delay
+            && !seen.last_was_successful
+    }
+}
+
+/// What a [`GreylistStep`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// The client is auto-whitelisted (its count refreshed at most once an hour).
+    ClientAwl,
+    /// The triplet was recorded.
+    Triplet {
+        /// What the request sees.
+        seen: TripletSeen,
+        /// The client's new AWL count when this request counted for it.
+        client_bumped: Option<ClientCount>,
+    },
 }
 
 /// Which table an entry is in.
@@ -118,6 +162,36 @@ pub trait Store: Send + Sync {
 
     /// Writes entries as they are (import); returns how many.
     fn import(&self, entries: &[Entry]) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// A whole request's store work: the AWL check, the triplet, the AWL count. Backends that
+    /// can do better than three round trips (SQLite batches concurrent requests into one
+    /// transaction) override it; the result must equal this composition.
+    fn greylist_step(
+        &self,
+        step: &GreylistStep,
+    ) -> impl Future<Output = Result<StepOutcome, StoreError>> + Send {
+        async move {
+            if step.awl_threshold > 0
+                && let Some(count) = self.client(&step.awl_key).await?
+                && count.count >= step.awl_threshold
+            {
+                self.bump_client(&step.awl_key, step.now).await?;
+                return Ok(StepOutcome::ClientAwl);
+            }
+            let seen = self
+                .record_triplet(&step.triplet_key, step.now, step.rules)
+                .await?;
+            let client_bumped = if step.counts_for_awl(seen) {
+                self.bump_client(&step.awl_key, step.now).await?
+            } else {
+                None
+            };
+            Ok(StepOutcome::Triplet {
+                seen,
+                client_bumped,
+            })
+        }
+    }
 }
 
 /// A store chosen by URL.
