@@ -19,7 +19,7 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; return 1; }
-row() { printf '%-44s %s\n' "$1" "$2"; }
+row() { printf "%-44s %s\n" "$1" "$2"; }
 
 echo "# $(date -u +%F) on $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; ${SECS}s per run"
 

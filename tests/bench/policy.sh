@@ -18,3 +18,17 @@ for mix in new known; do
     done
 done
 
+
+# The same daemon on Redis (the store several MX hosts share), beside the SQLite figures.
+RP=$(port); mkdir -p "$W/redis"
+redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --dir "$W/redis" >"$W/redis.log" 2>&1 & PIDS+=($!); RS_PID=$!
+OR=$(port)
+printf 'state_dir = "%s"\n[[listen]]\naddress = "inet:127.0.0.1:%s"\n[greylist]\nstore = "redis://127.0.0.1:%s/"\n' "$W/policyd-redis" "$OR" "$RP" > "$W/policyd-redis.toml"
+wait_port $RP
+"$B/postern-policyd" -c "$W/policyd-redis.toml" 2>"$W/policyd-redis.log" & PIDS+=($!); OR_PID=$!
+wait_port $OR
+for mix in new known; do
+    row "postern-policyd (redis) policy $mix c=8" "$("$B/policy" 127.0.0.1:$OR -c 8 -d $SECS --mix $mix --pid $OR_PID)"
+done
+kill "$PG_PID" "$OP_PID" "$OR_PID" "$RS_PID" 2>/dev/null || true
+wait "$PG_PID" "$OP_PID" "$OR_PID" "$RS_PID" 2>/dev/null || true

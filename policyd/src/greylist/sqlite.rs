@@ -147,8 +147,9 @@ async fn group_commit_worker(mut conn: SqliteConnection, mut queue: mpsc::Receiv
                     reply,
                 } = job
                 {
-                    // Expired rows may be cached; they are gone from the database now.
-                    cache.clear();
+                    // Rows last seen before the cutoff may be cached (a client read for its AWL
+                    // count); they are gone from the database now.
+                    cache.forget_older_than(cutoff);
                     let _ = reply.send(expire_batch(&mut conn, cutoff, batch).await);
                 }
             }
@@ -296,6 +297,13 @@ impl RowCache {
         self.triplets.clear();
         self.clients.clear();
     }
+
+    fn forget_older_than(&mut self, cutoff: u64) {
+        self.triplets
+            .retain(|row| row.is_none_or(|(times, _)| times.last >= cutoff));
+        self.clients
+            .retain(|row| row.is_none_or(|count| count.last >= cutoff));
+    }
 }
 
 /// Keys cached per generation.
@@ -337,6 +345,11 @@ impl<V: Clone> Generations<V> {
     fn clear(&mut self) {
         self.current.clear();
         self.previous.clear();
+    }
+
+    fn retain(&mut self, keep: impl Fn(&V) -> bool) {
+        self.current.retain(|_, value| keep(value));
+        self.previous.retain(|_, value| keep(value));
     }
 }
 
