@@ -135,7 +135,9 @@ async fn group_commit_worker(mut conn: SqliteConnection, mut queue: mpsc::Receiv
                 None => false,
             }
         };
-        if steps.is_empty() {
+        // Expiry waits for no quiet moment (under steady load there may be none): the batch
+        // in flight is committed first, then one expiry step runs.
+        if steps.is_empty() || !expiries.is_empty() {
             if let Some(decided) = pending.take() {
                 let written = write_rows(&mut conn, &decided.write, None).await;
                 finish(&mut cache, Some(decided), Vec::new(), written.map(|_| ()));
@@ -153,6 +155,8 @@ async fn group_commit_worker(mut conn: SqliteConnection, mut queue: mpsc::Receiv
                     let _ = reply.send(expire_batch(&mut conn, cutoff, batch).await);
                 }
             }
+        }
+        if steps.is_empty() {
             if !open {
                 return;
             }
@@ -869,6 +873,52 @@ mod tests {
                     last_was_successful: false
                 },
                 client_bumped: None
+            }
+        );
+    }
+
+    /// A failing database fails the batch's requests (the caller answers with its fallback
+    /// action), and the worker recovers once the database works again.
+    #[tokio::test]
+    async fn a_failed_batch_is_reported_and_the_worker_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = SqliteStore::open(&dir.path().join("g.sqlite"))
+            .await
+            .unwrap();
+        let first = step("t1", "c1", 1000, 5);
+        assert!(sqlite.greylist_step(&first).await.is_ok());
+        sqlx::query("ALTER TABLE triplets RENAME TO moved")
+            .execute(&sqlite.pool)
+            .await
+            .unwrap();
+        let err = sqlite
+            .greylist_step(&step("t2", "c2", 1000, 5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Batch(ref m) if m.contains("triplets")),
+            "{err}"
+        );
+        sqlx::query("ALTER TABLE moved RENAME TO triplets")
+            .execute(&sqlite.pool)
+            .await
+            .unwrap();
+        // t1 was forgotten by the cache on the failure: read again, it is a retry, not new.
+        let again = sqlite
+            .greylist_step(&step("t1", "c1", 1400, 5))
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            StepOutcome::Triplet {
+                seen: TripletSeen {
+                    first: 1000,
+                    last_was_successful: false
+                },
+                client_bumped: Some(ClientCount {
+                    count: 1,
+                    last: 1400
+                })
             }
         );
     }
