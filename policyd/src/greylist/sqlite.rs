@@ -65,6 +65,13 @@ impl SqliteStore {
     /// Opens (creating if needed) the database file, mode 0600 via the state directory's
     /// permissions, in WAL mode with the schema in place.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_checkpointing_every(path, CHECKPOINT_INTERVAL).await
+    }
+
+    async fn open_checkpointing_every(
+        path: &Path,
+        checkpoint_interval: Duration,
+    ) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str("sqlite:")?
             .filename(path)
             .create_if_missing(true)
@@ -82,8 +89,15 @@ impl SqliteStore {
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
         }
-        let writer = options.connect().await?;
+        // Checkpoints copy the WAL into the database file and sync it, which can take
+        // milliseconds: they run on the pool's connection, never in a request's commit.
+        let writer = options.pragma("wal_autocheckpoint", "0").connect().await?;
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
+        tokio::spawn(checkpoint_in_background(
+            pool.clone(),
+            jobs.downgrade(),
+            checkpoint_interval,
+        ));
         tokio::spawn(group_commit_worker(writer, queue));
         Ok(Self { pool, jobs })
     }
@@ -91,6 +105,30 @@ impl SqliteStore {
     /// Closes the pool (checkpointing the WAL).
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// How often the WAL is checkpointed.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Checkpoints the WAL every `interval` without waiting for (or blocking) the writer, while
+/// the store lives.
+async fn checkpoint_in_background(
+    pool: SqlitePool,
+    alive: mpsc::WeakSender<Job>,
+    interval: Duration,
+) {
+    loop {
+        tokio::time::sleep(interval).await;
+        if alive.upgrade().is_none() {
+            return;
+        }
+        if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            warn!(error = %err, "greylist WAL checkpoint failed; retrying");
+        }
     }
 }
 
@@ -875,6 +913,41 @@ mod tests {
                 client_bumped: None
             }
         );
+    }
+
+    /// Requests never checkpoint (the writer's auto-checkpoint is off); the background task
+    /// copies the WAL into the database file.
+    #[tokio::test]
+    async fn the_wal_is_checkpointed_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = |path: &Path| std::fs::metadata(path).unwrap().len();
+        let write = |store: SqliteStore| async move {
+            for i in 0..3000 {
+                let key = format!("10.0.0.0/sender{i}@example.com/rcpt{i}@example.net");
+                store
+                    .greylist_step(&step(&key, "c", 1000, 5))
+                    .await
+                    .unwrap();
+            }
+        };
+        let path = dir.path().join("quiet.sqlite");
+        let sqlite = SqliteStore::open_checkpointing_every(&path, Duration::from_secs(3600))
+            .await
+            .unwrap();
+        let empty = size(&path);
+        write(sqlite.clone()).await;
+        assert_eq!(size(&path), empty, "a request checkpointed");
+        drop(sqlite);
+
+        let path = dir.path().join("g.sqlite");
+        let sqlite = SqliteStore::open(&path).await.unwrap();
+        write(sqlite.clone()).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while size(&path) < empty + 65_536 {
+            assert!(std::time::Instant::now() < deadline, "no checkpoint in 5 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(sqlite);
     }
 
     /// A failing database fails the batch's requests (the caller answers with its fallback
