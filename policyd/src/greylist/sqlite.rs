@@ -950,6 +950,58 @@ mod tests {
         drop(sqlite);
     }
 
+    /// Expiry steps interleave with a steady stream of requests, including batches that
+    /// change nothing (cached triplets seen again in the same second), and all complete.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expiry_completes_under_steady_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = SqliteStore::open(&dir.path().join("g.sqlite"))
+            .await
+            .unwrap();
+        let old: Vec<Entry> = (0..5000)
+            .map(|i| Entry {
+                kind: Kind::Triplet,
+                key: format!("old{i}"),
+                first_or_count: 10,
+                last: 10,
+            })
+            .collect();
+        sqlite.import(&old).await.unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut load = tokio::task::JoinSet::new();
+        for task in 0..8 {
+            let (store, stop) = (sqlite.clone(), stop.clone());
+            load.spawn(async move {
+                let mut served = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && served < 1_000_000 {
+                    let key = format!("hot{task}-{}", served % 4);
+                    store
+                        .greylist_step(&step(&key, "c", 5000, 5))
+                        .await
+                        .unwrap();
+                    served += 1;
+                }
+                served
+            });
+        }
+        let mut expired = 0;
+        let expiry = async {
+            for _ in 0..1000 {
+                match sqlite.expire(1000, 100).await.unwrap() {
+                    0 => break,
+                    n => expired += n,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), expiry)
+            .await
+            .expect("expiry starved by the load");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let served: u64 = load.join_all().await.into_iter().sum();
+        assert_eq!(expired, 5000);
+        assert!(served > 0);
+    }
+
     /// A failing database fails the batch's requests (the caller answers with its fallback
     /// action), and the worker recovers once the database works again.
     #[tokio::test]
