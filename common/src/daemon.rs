@@ -153,7 +153,7 @@ where
             }
         }
     }
-    crate::logging::init(config.log());
+    let log_guard = crate::logging::init_daemon(config.log());
     let code = runtime.block_on(async move {
         if let Err(err) = crate::metrics::install(config.metrics(), D::Config::DAEMON) {
             error!("{err}");
@@ -198,6 +198,8 @@ where
         }
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // The last lines ("stopped") reach stderr before the process exits.
+    drop(log_guard);
     ExitCode::from(code)
 }
 
@@ -222,7 +224,8 @@ fn spawn_signal_handler<D: Daemon>(
                 }
             }
             if shutdown.is_cancelled() {
-                warn!("second stop signal: exiting at once");
+                // Straight to stderr: the log thread's queue is not flushed by exit().
+                eprintln!("second stop signal: exiting at once");
                 std::process::exit(i32::from(EX_RUNTIME));
             }
             info!("stop signal received: finishing open requests");

@@ -1,7 +1,9 @@
 //! Plain log lines on stderr, which journald and syslog-style collectors read well: no colours,
 //! and no timestamp of our own when journald (which adds one) is the reader.
 
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use crate::config::LogConfig;
 
@@ -33,9 +35,30 @@ pub fn filter_for(config: &LogConfig) -> Result<EnvFilter, LevelError> {
 )]
 pub struct LevelError(String);
 
-/// Installs the global subscriber. Safe to call more than once (later calls do nothing), so
-/// tests can call it freely.
+/// Installs the global subscriber, writing each line to stderr as it is logged. Safe to call
+/// more than once (later calls do nothing), so tests and one-shot commands can call it freely.
 pub fn init(config: &LogConfig) {
+    install(config, BoxMakeWriter::new(std::io::stderr));
+}
+
+/// Lines a daemon may have waiting for stderr before logging waits for it.
+pub const LOG_BUFFER_LINES: usize = 16_384;
+
+/// Installs the global subscriber for a daemon: lines go to stderr from a thread of their own,
+/// so a slow reader (journald busy, a disk under writeback) delays no request. Up to
+/// [`LOG_BUFFER_LINES`] lines wait; beyond that logging waits rather than dropping lines. The
+/// guard flushes what is waiting when dropped: hold it until the daemon stops.
+pub fn init_daemon(config: &LogConfig) -> WorkerGuard {
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("postern-log")
+        .finish(std::io::stderr());
+    install(config, BoxMakeWriter::new(writer));
+    guard
+}
+
+fn install(config: &LogConfig, writer: BoxMakeWriter) {
     let filter = std::env::var(LOG_ENV)
         .ok()
         .and_then(|level| filter_for(&LogConfig { level }).ok())
@@ -44,7 +67,7 @@ pub fn init(config: &LogConfig) {
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(false)
         .with_target(false);
     // try_init fails only when a subscriber is already installed, which is fine.
