@@ -138,6 +138,7 @@ fn main() -> ExitCode {
         None => {}
     }
     if cli.stdio {
+        server::init_stdio_logging(cli.common.config.as_deref());
         postern_common::daemon::run::<Policyd, _, _>(&cli.common, server::run_stdio)
     } else {
         postern_common::daemon::run::<Policyd, _, _>(&cli.common, server::run)

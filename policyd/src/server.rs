@@ -239,6 +239,166 @@ pub async fn run(ctx: DaemonContext<Policyd>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where `--stdio` logs. Postfix's spawn(8) connects the command's stdin, stdout *and stderr*
+/// to the client socket, so a log line on stderr lands in the middle of the policy answers:
+/// Postfix reads it as an attribute (`warning: missing attribute action in input from
+/// private/policyd-spf`, then `451 4.3.5 Server configuration problem`), and once Postfix has
+/// hung up, the next write fails and tracing's own error report panics the process. So when
+/// stderr is the very socket stdout is, log to syslog as policyd-spf does (nowhere if there is
+/// no /dev/log); otherwise (run by hand, or with stderr redirected) stderr as usual.
+///
+/// Call before [`postern_common::daemon::run`]: its logging setup then finds a subscriber
+/// installed and leaves it. `config` is only read for `[log] level` (and `POSTERN_LOG` still
+/// wins); a config that does not load is reported by `run` itself.
+pub fn init_stdio_logging(config: Option<&std::path::Path>) {
+    if !stderr_is_stdout_socket() {
+        return;
+    }
+    let level = postern_common::config::load_path::<PolicydConfig>(config)
+        .map(|(config, _)| config.log)
+        .unwrap_or_default();
+    let filter = std::env::var(postern_common::logging::LOG_ENV)
+        .ok()
+        .and_then(|level| {
+            postern_common::logging::filter_for(&postern_common::config::LogConfig { level }).ok()
+        })
+        .or_else(|| postern_common::logging::filter_for(&level).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(syslog::Syslog::connect("postern-policyd"))
+        .with_ansi(false)
+        .with_target(false)
+        .without_time()
+        .try_init();
+    // The default hook prints to stderr, the socket.
+    std::panic::set_hook(Box::new(|panic| tracing::error!("{panic}")));
+}
+
+/// Whether stderr and stdout are one and the same socket (Postfix's spawn).
+fn stderr_is_stdout_socket() -> bool {
+    use std::os::fd::AsFd;
+    same_socket(std::io::stderr().as_fd(), std::io::stdout().as_fd())
+}
+
+/// Whether two descriptors refer to one socket.
+fn same_socket(a: std::os::fd::BorrowedFd<'_>, b: std::os::fd::BorrowedFd<'_>) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let metadata = |fd: std::os::fd::BorrowedFd<'_>| {
+        fd.try_clone_to_owned()
+            .and_then(|fd| std::fs::File::from(fd).metadata())
+            .ok()
+    };
+    match (metadata(a), metadata(b)) {
+        (Some(a), Some(b)) => a.file_type().is_socket() && a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Log lines to the local syslog socket (/dev/log), facility mail, one datagram per event, in
+/// the form glibc's syslog(3) sends without its timestamp (the receiver adds one).
+mod syslog {
+    use std::io::Write;
+    use std::os::unix::net::UnixDatagram;
+
+    /// RFC 5424 §6.2.1 facility 2, mail system.
+    const FACILITY_MAIL: u8 = 2;
+    /// The local syslog socket (journald's and rsyslog's).
+    const SOCKET: &str = "/dev/log";
+
+    /// A writer factory for tracing: one [`Line`] per event.
+    pub(super) struct Syslog {
+        socket: Option<UnixDatagram>,
+        tag: String,
+    }
+
+    impl Syslog {
+        /// Connects to /dev/log; without one, lines are dropped.
+        pub(super) fn connect(program: &str) -> Self {
+            Self::connect_to(std::path::Path::new(SOCKET), program)
+        }
+
+        /// Connects to a syslog socket at `path`.
+        pub(super) fn connect_to(path: &std::path::Path, program: &str) -> Self {
+            // Non-blocking: a full syslog buffer drops the line instead of stalling a worker
+            // that has Postfix waiting.
+            let socket = UnixDatagram::unbound()
+                .and_then(|socket| socket.connect(path).map(|()| socket))
+                .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
+                .ok();
+            Self {
+                socket,
+                tag: format!("{program}[{}]", std::process::id()),
+            }
+        }
+
+        fn send(&self, severity: u8, line: &[u8]) {
+            let Some(socket) = &self.socket else { return };
+            let text = String::from_utf8_lossy(line);
+            // fmt pads the level (" INFO"); syslog's own separator is enough.
+            let text = text.trim_start().trim_end_matches('\n');
+            let datagram = format!("<{}>{}: {text}", FACILITY_MAIL * 8 + severity, self.tag);
+            // A full or vanished syslog must never stop answering Postfix.
+            let _ = socket.send(datagram.as_bytes());
+        }
+    }
+
+    /// One event's text, sent when tracing drops it.
+    pub(super) struct Line<'a> {
+        syslog: &'a Syslog,
+        severity: u8,
+        text: Vec<u8>,
+    }
+
+    impl Write for Line<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.text.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Drop for Line<'_> {
+        fn drop(&mut self) {
+            if !self.text.is_empty() {
+                self.syslog.send(self.severity, &self.text);
+            }
+        }
+    }
+
+    /// syslog severities (RFC 5424 §6.2.1).
+    pub(super) fn severity(level: &tracing::Level) -> u8 {
+        match *level {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Syslog {
+        type Writer = Line<'a>;
+
+        fn make_writer(&'a self) -> Line<'a> {
+            Line {
+                syslog: self,
+                severity: 6,
+                text: Vec::new(),
+            }
+        }
+
+        fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Line<'a> {
+            Line {
+                syslog: self,
+                severity: severity(meta.level()),
+                text: Vec::new(),
+            }
+        }
+    }
+}
+
 /// `--stdio`: one connection on stdin/stdout, as Postfix's `spawn` runs policyd-spf.
 pub async fn run_stdio(ctx: DaemonContext<Policyd>) -> anyhow::Result<()> {
     let idle = ctx.config.idle_timeout.get();
@@ -321,6 +481,54 @@ mod tests {
         )
         .await;
         assert!(started.elapsed() >= Duration::from_secs(330));
+    }
+
+    #[test]
+    fn only_one_socket_on_both_descriptors_counts_as_spawned() {
+        use std::os::fd::AsFd;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(same_socket(a.as_fd(), a.as_fd()));
+        assert!(!same_socket(a.as_fd(), b.as_fd()));
+        let file = tempfile::tempfile().unwrap();
+        assert!(!same_socket(file.as_fd(), file.as_fd()));
+    }
+
+    #[test]
+    fn syslog_gets_one_datagram_per_event_with_mail_facility_and_severity() {
+        use std::io::Write;
+        use tracing_subscriber::fmt::MakeWriter;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(syslog::Syslog::connect_to(&path, "postern-policyd"))
+            .with_ansi(false)
+            .with_target(false)
+            .without_time()
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(client = "192.0.2.1", "dns temperror");
+            tracing::info!("second\nline");
+        });
+        let mut buf = [0u8; 512];
+        let tag = format!("postern-policyd[{}]: ", std::process::id());
+        let n = server.recv(&mut buf).unwrap();
+        let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert_eq!(
+            first,
+            format!("<20>{tag}WARN dns temperror client=\"192.0.2.1\"")
+        );
+        let n = server.recv(&mut buf).unwrap();
+        let second = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert_eq!(second, format!("<22>{tag}INFO second\nline"));
+        assert_eq!(syslog::severity(&tracing::Level::ERROR), 3);
+        assert_eq!(syslog::severity(&tracing::Level::DEBUG), 7);
+        // Without a syslog socket, lines are dropped quietly.
+        let nowhere = syslog::Syslog::connect_to(&dir.path().join("none"), "x");
+        nowhere.make_writer().write_all(b"lost\n").unwrap();
     }
 
     #[test]

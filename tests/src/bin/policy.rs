@@ -1,5 +1,5 @@
-//! `policy HOST:PORT -c 8 -n 100000 --mix new|known [--context spf] [--pid PID]`: load generator
-//! for policy servers (postern-policyd, postgrey, policyd-spf).
+//! `policy HOST:PORT -c 8 -n 100000 --mix new|known|spf [--context spf] [--pid PID]`: load
+//! generator for policy servers (postern-policyd, postgrey, policyd-spf).
 
 use clap::Parser;
 use postern_tests::clients::Target;
@@ -12,7 +12,8 @@ use postern_tests::load::{self, LoadArgs, Worker};
 struct Args {
     #[command(flatten)]
     load: LoadArgs,
-    /// new: every request a new triplet; known: a fixed set of 50 triplets, repeated
+    /// new: every request a new triplet; known: a fixed set of 50 triplets, repeated; spf:
+    /// senders cycling over SPF_DOMAINS (every SPF outcome; tests/bench/spf.zone serves them)
     #[arg(long, default_value = "known")]
     mix: String,
     /// Add policy_context=CONTEXT (e.g. spf)
@@ -29,6 +30,21 @@ struct Args {
     client: String,
 }
 
+/// The sender domains of `--mix spf`, one per kind of SPF evaluation, each answered by a record
+/// in tests/bench/spf.zone: pass by ip4, a, mx and include; fail, softfail, neutral; no record.
+/// The HELO name (mail.sender.example) has a record too, so every request checks both
+/// identities, as policyd-spf does.
+const SPF_DOMAINS: [&str; 8] = [
+    "pass-ip4.spf.example",
+    "pass-a.spf.example",
+    "pass-mx.spf.example",
+    "pass-include.spf.example",
+    "fail.spf.example",
+    "softfail.spf.example",
+    "neutral.spf.example",
+    "none.spf.example",
+];
+
 struct PolicyWorker {
     client: PolicyClient,
     args: std::sync::Arc<Args>,
@@ -37,7 +53,14 @@ struct PolicyWorker {
 
 impl Worker for PolicyWorker {
     async fn request(&mut self, index: u64) -> anyhow::Result<()> {
-        let (client, sender, recipient) = if self.args.mix == "new" {
+        let (client, sender, recipient) = if self.args.mix == "spf" {
+            let n = index as usize;
+            (
+                self.args.client.clone(),
+                format!("user{}@{}", n % 1000, SPF_DOMAINS[n % SPF_DOMAINS.len()]),
+                format!("rcpt{}@dest.example", n % 50),
+            )
+        } else if self.args.mix == "new" {
             let n = index + self.run_id;
             (
                 format!("198.{}.{}.{}", (n >> 16) & 255, (n >> 8) & 255, n & 255),
@@ -77,6 +100,11 @@ impl Worker for PolicyWorker {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = std::sync::Arc::new(Args::parse());
+    anyhow::ensure!(
+        ["new", "known", "spf"].contains(&args.mix.as_str()),
+        "--mix must be new, known or spf, not {:?}",
+        args.mix
+    );
     // Distinct triplets per run so that "new" stays new across runs.
     let run_id = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
