@@ -94,7 +94,7 @@ impl Policyd {
                     let verdict = self.greylist.check(request).await;
                     (verdict.reply, verdict.reason)
                 }
-                Check::Spf => (self.spf.check(request).await, String::new()),
+                Check::Spf => self.spf.check_with_reason(request).await,
             };
             metrics::counter!("postern_policyd_answers_total", "check" => check.name(),
                 "action" => action_verb(reply.action()))

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, PTR, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, PTR, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
@@ -276,6 +276,31 @@ impl Drop for TestDns {
     }
 }
 
+/// The SOA a negative answer carries in its authority section (RFC 2308), as real servers send
+/// it: without one, resolvers do not cache "no such record" and ask again every time. The
+/// owner is the query's last two labels (the test zones have no apex of their own).
+fn negative_soa(query: &Name) -> Record {
+    let apex = query.trim_to(2.min(query.num_labels() as usize));
+    let host = |label: &str| {
+        Name::from_ascii(label)
+            .and_then(|n| n.append_domain(&apex))
+            .unwrap_or_else(|_| apex.clone())
+    };
+    Record::from_rdata(
+        apex.clone(),
+        60,
+        RData::SOA(SOA::new(
+            host("ns"),
+            host("hostmaster"),
+            1,
+            3600,
+            600,
+            86_400,
+            60,
+        )),
+    )
+}
+
 /// The response bytes for one query, or `None` to stay silent.
 fn respond(shared: &Shared, request: &[u8], max_len: usize) -> Option<Vec<u8>> {
     let request = Message::from_vec(request).ok()?;
@@ -299,11 +324,18 @@ fn respond(shared: &Shared, request: &[u8], max_len: usize) -> Option<Vec<u8>> {
         .ok()?
         .answer(query.name(), query.query_type());
     match result {
+        Ok(answers) if answers.is_empty() => {
+            response.add_authority(negative_soa(query.name()));
+        }
         Ok(answers) => {
             response.add_answers(answers);
         }
         Err((_, Some(Fault::Timeout))) => return None,
         Err((_, Some(Fault::NxDomain))) => response.metadata.response_code = ResponseCode::NXDomain,
+        Err((ResponseCode::NXDomain, None)) => {
+            response.metadata.response_code = ResponseCode::NXDomain;
+            response.add_authority(negative_soa(query.name()));
+        }
         Err((code, _)) => response.metadata.response_code = code,
     }
     let bytes = response.to_vec().ok()?;
@@ -592,6 +624,31 @@ broken.example.test FAULT servfail
                 .to_string(),
             "192.0.2.99"
         );
+    }
+
+    /// Negative answers carry an SOA, so a caching resolver asks once.
+    #[tokio::test]
+    async fn negative_answers_are_cached_by_resolvers() {
+        let dns = TestDns::start(Zone::parse(ZONE).unwrap()).await.unwrap();
+        let mut ns = NameServerConfig::udp_and_tcp(dns.addr().ip());
+        for c in &mut ns.connections {
+            c.port = dns.addr().port();
+        }
+        let mut opts = ResolverOpts::default();
+        opts.use_hosts_file = ResolveHosts::Never;
+        let caching = TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(vec![ns]),
+            TokioRuntimeProvider::default(),
+        )
+        .with_options(opts)
+        .build()
+        .unwrap();
+        for name in ["missing.example.test.", "mail.example.test."] {
+            assert!(caching.txt_lookup(name).await.is_err());
+            let asked = dns.queries();
+            assert!(caching.txt_lookup(name).await.is_err());
+            assert_eq!(dns.queries(), asked, "{name} asked again");
+        }
     }
 
     fn fixture() -> std::path::PathBuf {

@@ -13,7 +13,7 @@ pub mod import;
 use std::sync::Mutex;
 
 use postern_common::config::{ConfigError, DnsConfig};
-use tracing::info;
+use tracing::debug;
 
 pub use self::config::{HeaderType, HeloReject, MailFromReject, SpfConfig};
 pub use self::decide::{Attributes, InstanceCache, Outcome, Settings};
@@ -57,30 +57,34 @@ impl SpfCheck {
         &self.settings
     }
 
-    /// Decides one request and logs the decision.
+    /// Decides one request.
     ///
     /// Every DNS wait is bounded by `lookup_time` per identity (and `whitelist_lookup_time` per
     /// whitelist lookup), so Postfix always gets an answer.
     pub async fn check(&self, request: &PolicyRequest) -> PolicyReply {
+        self.check_with_reason(request).await.0
+    }
+
+    /// Decides one request; also says why, for the server's one decision line per request
+    /// (the details of the SPF evaluation are logged at debug level).
+    pub async fn check_with_reason(&self, request: &PolicyRequest) -> (PolicyReply, String) {
         let config = &self.settings.config;
         let queue_id = request.get("queue_id").unwrap_or("");
         if config.mock {
-            return PolicyReply::new("dunno mock header field that should be ignored");
+            return (
+                PolicyReply::new("dunno mock header field that should be ignored"),
+                "spf mock".to_owned(),
+            );
         }
         if config.skip_authenticated
             && request
                 .get("sasl_username")
                 .is_some_and(|user| !user.is_empty())
         {
-            info!(
-                queue_id,
-                client = request.get("client_address").unwrap_or(""),
-                sender = request.get("sender").unwrap_or(""),
-                action = "dunno",
-                reason = "sasl authenticated",
-                "spf"
+            return (
+                PolicyReply::new("dunno"),
+                "spf not checked: sasl authenticated".to_owned(),
             );
-            return PolicyReply::new("dunno");
         }
         let attrs = Attributes::from_request(request, config.hide_receiver);
         let replayed = attrs.instance.as_deref().and_then(|instance| {
@@ -105,7 +109,7 @@ impl SpfCheck {
         let action = decide::action_text(config, &outcome);
         metrics::counter!("postern_policyd_spf_decisions_total", "outcome" => outcome.kind())
             .increment(1);
-        info!(
+        debug!(
             queue_id,
             client = attrs.client_address.as_deref().unwrap_or(""),
             helo = attrs.helo_name.as_deref().unwrap_or(""),
@@ -116,7 +120,12 @@ impl SpfCheck {
             action = %action,
             "spf"
         );
-        PolicyReply::new(action)
+        let reason = if repeat {
+            format!("spf {} (same message)", outcome.kind())
+        } else {
+            format!("spf {}", outcome.kind())
+        };
+        (PolicyReply::new(action), reason)
     }
 }
 
