@@ -1,6 +1,13 @@
 //! The milter server: indymilter's protocol engine on our listener (with TCP_NODELAY, without
 //! which every exchange with Postfix stalls ~40 ms on delayed ACKs), callbacks that keep
-//! per-message state, and the DKIM sign-or-verify decision at end of message.
+//! per-message state, and the DKIM sign-or-verify decision: taken at end of headers, so that a
+//! message we sign is held only up to [`STREAM_FROM_BYTES`] and beyond that hashed as its body
+//! arrives, while one we verify is held once (mail-auth verifies whole messages), each up to
+//! `dkim.max_message_size`.
+//!
+//! Replies: we never act before end of message, so we ask the MTA not to wait for a reply to
+//! connect, HELO, MAIL, RCPT, each header, end of headers and each body chunk (SMFIP_NR_*, as
+//! mature milters do); Postfix then sends a whole message in a few writes and waits once.
 
 use std::ffi::CString;
 use std::io;
@@ -8,19 +15,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use indymilter::{
-    Actions, Callbacks, Config, ContextActions, EomContext, MacroStage, NegotiateContext,
+    Actions, Callbacks, Config, ContextActions, EomContext, MacroStage, Macros, NegotiateContext,
     ProtoOpts, SetErrorReply, SocketInfo, Status,
 };
 use mail_auth::{AuthenticatedMessage, MessageAuthenticator};
 use postern_common::config::ConfigError;
 use postern_common::daemon::{Daemon, DaemonContext};
 use postern_common::listen::{Listener, Stream};
+use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::MilterConfig;
-use crate::dkim::{self, Action, Dkim, SignRequest};
+use crate::dkim::sign::SignStream;
+use crate::dkim::{self, Action, Dkim, SignRequest, Signer};
 use crate::dmarc::{self, DmarcAction, DmarcInput};
 use crate::reports::Recorder;
 
@@ -76,6 +86,9 @@ impl Daemon for Milter {
         if old.max_connections != new.max_connections {
             keys.push("max_connections");
         }
+        if old.worker_threads != new.worker_threads {
+            keys.push("worker_threads");
+        }
         keys
     }
 }
@@ -84,10 +97,94 @@ impl Daemon for Milter {
 struct MilterListener(Listener);
 
 impl indymilter::Listener for MilterListener {
-    type Io = Stream;
+    type Io = ReplyBuffer<Stream>;
 
-    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Stream>> {
-        self.0.poll_accept(cx).map_ok(|(stream, _peer)| stream)
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<ReplyBuffer<Stream>>> {
+        self.0
+            .poll_accept(cx)
+            .map_ok(|(stream, _peer)| ReplyBuffer::new(stream))
+    }
+}
+
+/// Most reply bytes held back before they are written anyway.
+const REPLY_BUFFER_BYTES: usize = 64 * 1024;
+
+/// An MTA connection whose replies go out when we next read (or close), not at each flush.
+/// indymilter writes and flushes every reply on its own; at end of message that is one write
+/// per header change and one for the verdict, and Postfix reads them all before it sends
+/// anything. Holding them until we wait for the MTA again sends them in one segment, the way
+/// Postfix's VSTREAM buffers its side of the conversation. Nothing is held while we wait for
+/// the MTA, so no exchange can stall on it.
+struct ReplyBuffer<S> {
+    inner: S,
+    pending: Vec<u8>,
+    written: usize,
+}
+
+impl<S: tokio::io::AsyncRead + AsyncWrite + Unpin> ReplyBuffer<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            pending: Vec::new(),
+            written: 0,
+        }
+    }
+
+    /// Writes out what is held.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.pending.len() {
+            let n = std::task::ready!(
+                std::pin::Pin::new(&mut self.inner).poll_write(cx, &self.pending[self.written..])
+            )?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        self.pending.clear();
+        self.written = 0;
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+}
+
+impl<S: tokio::io::AsyncRead + AsyncWrite + Unpin> tokio::io::AsyncRead for ReplyBuffer<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_drain(cx))?;
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncRead + AsyncWrite + Unpin> AsyncWrite for ReplyBuffer<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.pending.len() >= REPLY_BUFFER_BYTES {
+            std::task::ready!(this.poll_drain(cx))?;
+        }
+        this.pending.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pending.len() >= REPLY_BUFFER_BYTES {
+            return this.poll_drain(cx);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_drain(cx))?;
+        std::pin::Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -97,6 +194,13 @@ pub struct Session {
     /// Header values arrive with their leading space (negotiated LEADING_SPACE), and values we
     /// add must carry one.
     pub leading_space: bool,
+    /// The stages the MTA agreed not to wait for our reply to (SMFIP_NR_*).
+    pub noreply: ProtoOpts,
+    /// The configuration this message is handled with (taken at MAIL, so a reload in the
+    /// middle of a message does not mix two).
+    pub milter: Option<Arc<Milter>>,
+    /// The message is being signed as it arrives (decided at end of headers).
+    pub signing: Option<Signing>,
     /// The client's address, if TCP.
     pub client: Option<SocketAddr>,
     /// The client's host name as Postfix resolved it.
@@ -121,8 +225,48 @@ pub struct Session {
     pub oversize: bool,
 }
 
+/// A message to be signed (decided at end of headers).
+#[derive(Debug)]
+pub struct Signing {
+    /// The keys it is signed with.
+    pub signers: Vec<Signer>,
+    /// The `h=` list.
+    pub header_list: Vec<String>,
+    /// Hashing as it arrives, once the message outgrew [`STREAM_FROM_BYTES`]; before that it
+    /// is buffered and signed in one go at end of message (no task, no hand-off between
+    /// threads: what most mail is).
+    pub stream: Option<SignStream>,
+    /// Bytes seen so far (header section and body).
+    pub bytes: usize,
+}
+
+/// Messages to be signed are buffered up to this size, then hashed as they arrive.
+pub const STREAM_FROM_BYTES: usize = 256 * 1024;
+
+/// What a callback answers: nothing when the MTA agreed not to wait (`stage` is one of the
+/// NOREPLY_* options), else continue.
+fn proceed(session: Option<&Session>, stage: ProtoOpts) -> Status {
+    if session.is_some_and(|s| s.noreply.contains(stage)) {
+        Status::Noreply
+    } else {
+        Status::Continue
+    }
+}
+
+/// The stages we never act on, so the MTA need not wait for our reply to them.
+fn noreply_stages() -> ProtoOpts {
+    ProtoOpts::NOREPLY_CONNECT
+        | ProtoOpts::NOREPLY_HELO
+        | ProtoOpts::NOREPLY_MAIL
+        | ProtoOpts::NOREPLY_RCPT
+        | ProtoOpts::NOREPLY_HEADER
+        | ProtoOpts::NOREPLY_EOH
+        | ProtoOpts::NOREPLY_BODY
+}
+
 impl Session {
     fn reset_message(&mut self) {
+        self.signing = None;
         self.mail_from.clear();
         self.rcpt_to.clear();
         self.headers.clear();
@@ -143,6 +287,82 @@ impl Session {
             return;
         }
         self.message.extend_from_slice(bytes);
+    }
+
+    /// At end of headers: is this message to be signed (signing mode, a trusted client, a key
+    /// for the From domain)? If so, the body goes to the signer rather than to verification.
+    fn start_signing(&mut self, authenticated: bool, daemon_name: Option<&str>) {
+        if self.oversize {
+            return;
+        }
+        let Some(milter) = self.milter.clone() else {
+            return;
+        };
+        if !milter.dkim.config.mode.signs() {
+            return;
+        }
+        let from = self
+            .headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case("From"))
+            .and_then(|(_, value)| dkim::sign::from_address(value));
+        let request = SignRequest {
+            from: from.as_ref().map(|(l, d)| (l.as_str(), d.as_str())),
+            authenticated,
+            client: self.client.map(|a| a.ip()),
+            daemon_name,
+        };
+        if !milter.dkim.trusted(&request) {
+            return;
+        }
+        let signers = from
+            .as_ref()
+            .map(|(local, domain)| milter.dkim.signers_for(local, domain))
+            .unwrap_or_default();
+        if signers.is_empty() {
+            return;
+        }
+        let header_list = milter
+            .dkim
+            .header_list(self.headers.iter().map(|(n, _)| n.as_str()));
+        self.signing = Some(Signing {
+            signers,
+            header_list,
+            stream: None,
+            bytes: self.message.len(),
+        });
+    }
+
+    /// A body chunk: buffered (for verification, or signing a small message), or hashed.
+    async fn body(&mut self, chunk: Bytes) {
+        self.body_bytes += chunk.len();
+        let Some(signing) = self.signing.as_mut() else {
+            self.buffer(&chunk);
+            return;
+        };
+        signing.bytes += chunk.len();
+        if signing.bytes > self.max_message_size {
+            self.oversize = true;
+            self.signing = None;
+            self.message = Vec::new();
+            return;
+        }
+        if let Some(stream) = signing.stream.as_mut() {
+            stream.write(chunk).await;
+            return;
+        }
+        self.message.extend_from_slice(&chunk);
+        if self.message.len() >= STREAM_FROM_BYTES
+            && let Some(milter) = &self.milter
+        {
+            let mut stream = milter
+                .dkim
+                .sign_streaming(&signing.signers, &signing.header_list);
+            stream
+                .write(Bytes::from(std::mem::take(&mut self.message)))
+                .await;
+            signing.stream = Some(stream);
+        }
     }
 
     fn add_header(&mut self, name: String, value: String) {
@@ -200,7 +420,7 @@ fn callbacks(
                     SocketInfo::Inet(addr) => Some(addr),
                     _ => None,
                 };
-                Status::Continue
+                proceed(cx.data.as_ref(), ProtoOpts::NOREPLY_CONNECT)
             })
         })
         .on_helo(|cx, helo| {
@@ -208,20 +428,21 @@ fn callbacks(
                 if let Some(session) = cx.data.as_mut() {
                     session.helo = lossy(&helo);
                 }
-                Status::Continue
+                proceed(cx.data.as_ref(), ProtoOpts::NOREPLY_HELO)
             })
         })
         .on_mail(move |cx, args| {
-            let max_message_size = live_mail.borrow().dkim.config.max_message_size;
+            let milter = live_mail.borrow().clone();
             Box::pin(async move {
                 let session = cx.data.get_or_insert_with(Session::default);
                 session.reset_message();
-                session.max_message_size = max_message_size;
+                session.max_message_size = milter.dkim.config.max_message_size;
+                session.milter = Some(milter);
                 session.mail_from = args
                     .first()
                     .map(|a| strip_brackets(&lossy(a)))
                     .unwrap_or_default();
-                Status::Continue
+                proceed(cx.data.as_ref(), ProtoOpts::NOREPLY_MAIL)
             })
         })
         .on_rcpt(|cx, args| {
@@ -233,7 +454,7 @@ fn callbacks(
                             .unwrap_or_default(),
                     );
                 }
-                Status::Continue
+                proceed(cx.data.as_ref(), ProtoOpts::NOREPLY_RCPT)
             })
         })
         .on_header(|cx, name, value| {
@@ -241,24 +462,27 @@ fn callbacks(
                 if let Some(session) = cx.data.as_mut() {
                     session.add_header(lossy(&name), lossy(&value));
                 }
-                Status::Continue
+                proceed(cx.data.as_ref(), ProtoOpts::NOREPLY_HEADER)
             })
         })
         .on_eoh(|cx| {
             Box::pin(async move {
+                let authenticated = macro_value(&cx.macros, c"{auth_type}").is_some()
+                    || macro_value(&cx.macros, c"{auth_authen}").is_some();
+                let daemon_name = macro_value(&cx.macros, c"{daemon_name}");
                 if let Some(session) = cx.data.as_mut() {
                     session.buffer(b"\r\n");
+                    session.start_signing(authenticated, daemon_name.as_deref());
                 }
-                Status::Continue
+                proceed(cx.data.as_ref(), ProtoOpts::NOREPLY_EOH)
             })
         })
         .on_body(|cx, chunk| {
             Box::pin(async move {
                 if let Some(session) = cx.data.as_mut() {
-                    session.body_bytes += chunk.len();
-                    session.buffer(&chunk);
+                    session.body(chunk).await;
                 }
-                Status::Continue
+                proceed(cx.data.as_ref(), ProtoOpts::NOREPLY_BODY)
             })
         })
         .on_eom(move |cx| {
@@ -269,13 +493,20 @@ fn callbacks(
             Box::pin(async move {
                 if let Some(session) = cx.data.as_mut() {
                     session.reset_message();
+                    session.milter = None;
                 }
                 Status::Continue
             })
         })
         .on_close(|cx| {
             Box::pin(async move {
-                cx.data = None;
+                // What was negotiated holds for the connection: after SMFIC_QUIT_NC the MTA
+                // starts the next SMTP session on it without negotiating again.
+                cx.data = cx.data.take().map(|old| Session {
+                    leading_space: old.leading_space,
+                    noreply: old.noreply,
+                    ..Session::default()
+                });
                 Status::Continue
             })
         })
@@ -291,8 +522,12 @@ async fn on_negotiate(
     if leading_space {
         cx.requested_opts |= ProtoOpts::LEADING_SPACE;
     }
+    // Only what the MTA offers (Postfix offers them all with milter_protocol 6).
+    let noreply = offered_opts & noreply_stages();
+    cx.requested_opts |= noreply;
     cx.data = Some(Session {
         leading_space,
+        noreply,
         ..Session::default()
     });
     // Requesting an action the MTA did not offer makes it drop the session.
@@ -317,8 +552,8 @@ async fn on_negotiate(
     Status::Continue
 }
 
-fn macro_value(cx: &EomContext<Session>, name: &std::ffi::CStr) -> Option<String> {
-    cx.macros
+fn macro_value(macros: &Macros, name: &std::ffi::CStr) -> Option<String> {
+    macros
         .get(name)
         .map(|v| v.to_string_lossy().into_owned())
         .filter(|v| !v.is_empty())
@@ -369,22 +604,22 @@ async fn on_eom(
     milter: Arc<Milter>,
     recorder: Option<Arc<Recorder>>,
 ) -> Status {
-    let queue_id = macro_value(cx, c"i").unwrap_or_default();
-    let authenticated =
-        macro_value(cx, c"{auth_type}").is_some() || macro_value(cx, c"{auth_authen}").is_some();
-    let daemon_name = macro_value(cx, c"{daemon_name}");
+    let queue_id = macro_value(&cx.macros, c"i").unwrap_or_default();
+    let authenticated = macro_value(&cx.macros, c"{auth_type}").is_some()
+        || macro_value(&cx.macros, c"{auth_authen}").is_some();
     let Some(mut session) = cx.data.take() else {
         warn!(queue_id, "end of message without a session; passing it");
         return Status::Continue;
     };
+    let milter = session.milter.clone().unwrap_or(milter);
     let message = std::mem::take(&mut session.message);
+    let signing = session.signing.take();
     let facts = Facts {
         queue_id: &queue_id,
         authenticated,
-        daemon_name: daemon_name.as_deref(),
         recorder: recorder.as_deref(),
     };
-    let status = process(cx, &milter, &session, &message, &facts).await;
+    let status = process(cx, &milter, &session, &message, signing, &facts).await;
     session.reset_message();
     cx.data = Some(session);
     status
@@ -394,7 +629,6 @@ async fn on_eom(
 struct Facts<'a> {
     queue_id: &'a str,
     authenticated: bool,
-    daemon_name: Option<&'a str>,
     recorder: Option<&'a Recorder>,
 }
 
@@ -415,11 +649,11 @@ async fn process(
     milter: &Milter,
     session: &Session,
     message: &[u8],
+    signing: Option<Signing>,
     facts: &Facts<'_>,
 ) -> Status {
     let queue_id = facts.queue_id;
     let authenticated = facts.authenticated;
-    let daemon_name = facts.daemon_name;
     let config = &milter.dkim.config;
     let client = session
         .client
@@ -457,70 +691,8 @@ async fn process(
             ),
         }
     }
-    let from_header = session
-        .headers
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case("From"))
-        .map(|(_, value)| value.as_str());
-    let from = from_header.and_then(dkim::sign::from_address);
-    let request = SignRequest {
-        from: from.as_ref().map(|(l, d)| (l.as_str(), d.as_str())),
-        authenticated,
-        client: session.client.map(|a| a.ip()),
-        daemon_name,
-    };
-    if config.mode.signs() && milter.dkim.trusted(&request) {
-        let signers = from
-            .as_ref()
-            .map(|(local, domain)| milter.dkim.signers_for(local, domain))
-            .unwrap_or_default();
-        if !signers.is_empty() {
-            let list = milter
-                .dkim
-                .header_list(session.headers.iter().map(|(n, _)| n.as_str()));
-            return match milter.dkim.sign(&signers, &list, message) {
-                Ok(values) => {
-                    // Each inserted at the top: the last inserted ends first, so insert in
-                    // reverse to keep the configured order.
-                    for value in values.iter().rev() {
-                        if let Err(err) = cx
-                            .actions
-                            .insert_header(
-                                0,
-                                "DKIM-Signature",
-                                milter_value(value, session.leading_space),
-                            )
-                            .await
-                        {
-                            warn!(queue_id, client, "cannot add DKIM-Signature: {err}");
-                            return apply(cx, config.on_internal_error, "internal error");
-                        }
-                    }
-                    let selectors: Vec<String> = signers
-                        .iter()
-                        .map(|s| format!("{}/{}", s.domain, s.selector))
-                        .collect();
-                    info!(
-                        queue_id,
-                        client,
-                        sender = session.mail_from.as_str(),
-                        from = from.as_ref().map(|(_, d)| d.as_str()).unwrap_or(""),
-                        signatures = selectors.join(",").as_str(),
-                        action = "sign",
-                        "signed"
-                    );
-                    metrics::counter!("postern_milter_dkim_total", "action" => "sign")
-                        .increment(signers.len() as u64);
-                    Status::Continue
-                }
-                Err(err) => {
-                    warn!(queue_id, client, "signing failed: {err}");
-                    metrics::counter!("postern_milter_dkim_total", "action" => "sign_error")
-                        .increment(1);
-                    apply(cx, config.on_internal_error, "internal error while signing")
-                }
-            };
-        }
+    if let Some(signing) = signing {
+        return finish_signing(cx, milter, session, message, signing, queue_id, &client).await;
     }
     if !config.mode.verifies() {
         return Status::Continue;
@@ -691,6 +863,77 @@ async fn process(
     }
 }
 
+/// End of a message being signed: the signatures, inserted at the top in the configured order.
+async fn finish_signing(
+    cx: &mut EomContext<Session>,
+    milter: &Milter,
+    session: &Session,
+    message: &[u8],
+    signing: Signing,
+    queue_id: &str,
+    client: &str,
+) -> Status {
+    let config = &milter.dkim.config;
+    let Signing {
+        signers,
+        header_list,
+        stream,
+        ..
+    } = signing;
+    let values = match stream {
+        Some(stream) => stream.finish().await.map_err(|e| e.to_string()),
+        None => milter
+            .dkim
+            .sign(&signers, &header_list, message)
+            .map_err(|e| e.to_string()),
+    };
+    let values = match values {
+        Ok(values) => values,
+        Err(err) => {
+            warn!(queue_id, client, "signing failed: {err}");
+            metrics::counter!("postern_milter_dkim_total", "action" => "sign_error").increment(1);
+            return apply(cx, config.on_internal_error, "internal error while signing");
+        }
+    };
+    // Each inserted at the top: the last inserted ends first, so insert in reverse to keep the
+    // configured order.
+    for value in values.iter().rev() {
+        if let Err(err) = cx
+            .actions
+            .insert_header(
+                0,
+                "DKIM-Signature",
+                milter_value(value, session.leading_space),
+            )
+            .await
+        {
+            warn!(queue_id, client, "cannot add DKIM-Signature: {err}");
+            return apply(cx, config.on_internal_error, "internal error");
+        }
+    }
+    let selectors: Vec<String> = signers
+        .iter()
+        .map(|s| format!("{}/{}", s.domain, s.selector))
+        .collect();
+    let from = session
+        .headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("From"))
+        .and_then(|(_, value)| dkim::sign::from_address(value));
+    info!(
+        queue_id,
+        client,
+        sender = session.mail_from.as_str(),
+        from = from.as_ref().map(|(_, d)| d.as_str()).unwrap_or(""),
+        signatures = selectors.join(",").as_str(),
+        action = "sign",
+        "signed"
+    );
+    metrics::counter!("postern_milter_dkim_total", "action" => "sign")
+        .increment(signers.len() as u64);
+    Status::Continue
+}
+
 /// Serves the milter protocol until shutdown.
 pub async fn run(ctx: DaemonContext<Milter>) -> anyhow::Result<()> {
     let config = ctx.config.clone();
@@ -736,4 +979,53 @@ pub async fn serve(
     )
     .await
     .map_err(|err| anyhow::anyhow!("milter server failed: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Bytes the peer can read within a short wait.
+    async fn available(peer: &mut tokio::io::DuplexStream) -> Vec<u8> {
+        let mut buf = vec![0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(50), peer.read(&mut buf)).await {
+            Ok(Ok(n)) => buf[..n].to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn replies_go_out_when_we_read_again_or_close() {
+        let (ours, mut mta) = tokio::io::duplex(1 << 20);
+        let mut milter = ReplyBuffer::new(ours);
+        milter.write_all(b"\0\0\0\x01i").await.unwrap();
+        milter.flush().await.unwrap();
+        milter.write_all(b"\0\0\0\x01c").await.unwrap();
+        milter.flush().await.unwrap();
+        assert_eq!(available(&mut mta).await, b"", "held at flush");
+        // Waiting for the MTA sends everything first, in one piece.
+        mta.write_all(b"next").await.unwrap();
+        let mut got = [0u8; 4];
+        milter.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"next");
+        assert_eq!(available(&mut mta).await, b"\0\0\0\x01i\0\0\0\x01c");
+        // A large reply is not held back.
+        let big = vec![b'b'; REPLY_BUFFER_BYTES + 10];
+        milter.write_all(&big).await.unwrap();
+        milter.write_all(b"x").await.unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < big.len() {
+            let chunk = available(&mut mta).await;
+            assert!(!chunk.is_empty(), "only {} bytes went out", seen.len());
+            seen.extend(chunk);
+        }
+        // Closing sends what is left.
+        milter.write_all(b"bye").await.unwrap();
+        milter.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        mta.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"xbye");
+    }
 }

@@ -17,3 +17,5 @@ for c in 1 8; do
     row "postern-srsd  socketmap forward c=$c" "$("$B/socketmap" 127.0.0.1:$OS -c $c -d $SECS --pid $OS_PID)"
 done
 
+kill "$PS_PID" "$OS_PID" 2>/dev/null || true
+wait "$PS_PID" "$OS_PID" 2>/dev/null || true

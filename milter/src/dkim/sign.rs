@@ -1,14 +1,19 @@
 //! The DKIM state built from `[dkim]` (tables and keys loaded once, at start and on SIGHUP), the
 //! sign-or-verify decision (opendkim's: the From domain has a key and the client is trusted), and
-//! signing a whole message with every key that applies.
+//! signing with every key that applies: a whole message, or one fed in chunks as it arrives
+//! ([`SignStream`]) so that a large message is hashed, never held.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use bytes::Bytes;
 use mail_auth::dkim::{Canonicalization, DkimSigner};
 use mail_auth::headers::HeaderWriter;
+use mail_auth::signer::Ready;
 use postern_common::config::ConfigError;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use super::keys::{LoadedKey, SharedKey, load_key};
 use super::tables::{KeyTable, SigningTable};
@@ -228,8 +233,10 @@ impl Dkim {
         out
     }
 
-    /// The `h=` list for a message with these header names (in order): each signed field as
-    /// often as it occurs, then each oversigned field once more.
+    /// The `h=` list for a message with these header names (in order): each signed field once
+    /// (mail-auth signs every instance of a listed field, bottom up; listing a field twice
+    /// would make it sign an absent extra instance), then each oversigned field once more,
+    /// which mail-auth signs as absent.
     pub fn header_list<'a>(&self, names: impl Iterator<Item = &'a str>) -> Vec<String> {
         let omitted = |name: &str| {
             DEFAULT_OMIT_HEADERS
@@ -255,14 +262,38 @@ impl Dkim {
                     .any(|h| h.eq_ignore_ascii_case(name))
             }
         };
-        let mut list: Vec<String> = names
-            .filter(|name| listed(name) && !omitted(name))
-            .map(str::to_owned)
-            .collect();
+        let mut list: Vec<String> = Vec::new();
+        for name in names.filter(|name| listed(name) && !omitted(name)) {
+            if !list.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+                list.push(name.to_owned());
+            }
+        }
         for name in &self.config.oversign_headers {
             list.push(name.clone());
         }
         list
+    }
+
+    /// A mail-auth signer for one key with our canonicalization, expiry and header list.
+    fn signer(&self, signer: &Signer, header_list: &[String]) -> DkimSigner<SharedKey, Ready> {
+        let canon = |relaxed: bool| {
+            if relaxed {
+                Canonicalization::Relaxed
+            } else {
+                Canonicalization::Simple
+            }
+        };
+        let mut builder = DkimSigner::from_key(SharedKey::clone(&signer.key.key))
+            .domain(signer.domain.clone())
+            .selector(signer.selector.clone())
+            .headers(header_list.iter().cloned())
+            .header_canonicalization(canon(self.canon.header_relaxed))
+            .body_canonicalization(canon(self.canon.body_relaxed));
+        let ttl = self.config.signature_ttl.get();
+        if !ttl.is_zero() {
+            builder = builder.expiration(ttl);
+        }
+        builder
     }
 
     /// Signs `raw` (the whole message, CRLF) with each signer; returns the DKIM-Signature
@@ -273,36 +304,109 @@ impl Dkim {
         header_list: &[String],
         raw: &[u8],
     ) -> Result<Vec<String>, mail_auth::Error> {
-        let canon = |relaxed: bool| {
-            if relaxed {
-                Canonicalization::Relaxed
-            } else {
-                Canonicalization::Simple
-            }
-        };
-        let mut out = Vec::with_capacity(signers.len());
-        for signer in signers {
-            let mut builder = DkimSigner::from_key(SharedKey::clone(&signer.key.key))
-                .domain(signer.domain.clone())
-                .selector(signer.selector.clone())
-                .headers(header_list.iter().cloned())
-                .header_canonicalization(canon(self.canon.header_relaxed))
-                .body_canonicalization(canon(self.canon.body_relaxed));
-            let ttl = self.config.signature_ttl.get();
-            if !ttl.is_zero() {
-                builder = builder.expiration(ttl);
-            }
-            let header = builder.sign(raw)?.to_header();
-            let value = header
-                .split_once(':')
-                .map_or(header.as_str(), |(_, v)| v)
-                .trim_start()
-                .trim_end_matches("\r\n")
-                .to_owned();
-            out.push(value);
-        }
-        Ok(out)
+        signers
+            .iter()
+            .map(|signer| {
+                let signature = self.signer(signer, header_list).sign(raw)?;
+                Ok(header_value(&signature.to_header()))
+            })
+            .collect()
     }
+
+    /// Starts signing a message that arrives in chunks (header section first, then the body),
+    /// with each signer; `header_list` from [`Dkim::header_list`]. Only the header
+    /// section is kept; body chunks are canonicalized and hashed as they come, on a task of
+    /// their own (mail-auth's streaming signer borrows its key, so it lives in that task).
+    /// Needs a tokio runtime.
+    pub fn sign_streaming(&self, signers: &[Signer], header_list: &[String]) -> SignStream {
+        let signers: Vec<DkimSigner<SharedKey, Ready>> = signers
+            .iter()
+            .map(|signer| self.signer(signer, header_list))
+            .collect();
+        let (chunks, mut receiver) = mpsc::channel::<Bytes>(SIGN_QUEUE_CHUNKS);
+        let task = tokio::spawn(async move {
+            let mut streams: Vec<_> = signers.iter().map(DkimSigner::sign_streaming).collect();
+            while let Some(chunk) = receiver.recv().await {
+                for stream in &mut streams {
+                    stream.write(&chunk);
+                }
+            }
+            streams
+                .into_iter()
+                .map(|stream| Ok(header_value(&stream.finish()?.to_header())))
+                .collect::<Result<Vec<String>, mail_auth::Error>>()
+        });
+        SignStream {
+            chunks: Some(chunks),
+            task: Some(task),
+        }
+    }
+}
+
+/// Chunks queued for the hashing task before [`SignStream::write`] waits: with the milter's
+/// body chunks of at most 64 KiB, about 1 MiB in flight per message.
+const SIGN_QUEUE_CHUNKS: usize = 16;
+
+/// Why streaming signing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SignStreamError {
+    /// mail-auth refused to sign (no signed header present, key failure).
+    #[error("{0}")]
+    Sign(#[from] mail_auth::Error),
+    /// The hashing task is gone (it panicked or was cancelled).
+    #[error("signing task failed: {0}")]
+    Task(String),
+}
+
+/// A message being signed as it arrives (see [`Dkim::sign_streaming`]). Dropping it cancels the
+/// signing.
+#[derive(Debug)]
+pub struct SignStream {
+    chunks: Option<mpsc::Sender<Bytes>>,
+    task: Option<JoinHandle<Result<Vec<String>, mail_auth::Error>>>,
+}
+
+impl SignStream {
+    /// Feeds the next chunk, in message order; waits while the hashing task is behind.
+    pub async fn write(&mut self, chunk: Bytes) {
+        if let Some(chunks) = &self.chunks {
+            // A send error means the task ended early; finish() reports why.
+            let _ = chunks.send(chunk).await;
+        }
+    }
+
+    /// Ends the message; returns the DKIM-Signature values, one per signer, as
+    /// [`Dkim::sign`] does.
+    pub async fn finish(mut self) -> Result<Vec<String>, SignStreamError> {
+        self.chunks = None;
+        let task = self
+            .task
+            .take()
+            .ok_or_else(|| SignStreamError::Task("already finished".to_owned()))?;
+        match task.await {
+            Ok(result) => Ok(result?),
+            Err(err) => Err(SignStreamError::Task(err.to_string())),
+        }
+    }
+}
+
+impl Drop for SignStream {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The value of a `DKIM-Signature: ...\r\n` header line as mail-auth writes it: without the
+/// name and the final CRLF, folds kept.
+fn header_value(header: &str) -> String {
+    header
+        .split_once(':')
+        .map_or(header, |(_, v)| v)
+        .trim_start()
+        .trim_end_matches("\r\n")
+        .to_owned()
 }
 
 /// The (local part, domain) of the first address in a From header value.
@@ -526,6 +630,50 @@ mod tests {
             .unwrap();
         assert_eq!(x - t, 86400, "{tags}");
         assert!(!values[0].ends_with('\n'));
+    }
+
+    /// A tag's value in a signature with its folds removed.
+    fn tag(value: &str, name: &str) -> String {
+        let flat: String = value.split_whitespace().collect();
+        flat.split(';')
+            .find_map(|t| t.strip_prefix(&format!("{name}=")))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn streaming_signatures_match_one_shot_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let dkim = Dkim::build(&table_config(dir.path())).unwrap();
+        let signers = dkim.signers_for("alice", "example.com");
+        let mut raw = b"From: a@example.com\r\nTo: b@x.example\r\nReceived: x\r\nTo: c@x.example\r\nSubject:  two  spaces \r\n\r\n".to_vec();
+        for i in 0..5000 {
+            raw.extend_from_slice(format!("line {i} with  trailing space \r\n").as_bytes());
+        }
+        raw.extend_from_slice(b"\r\n\r\n");
+        let names = ["From", "To", "Received", "To", "Subject"];
+        let list = dkim.header_list(names.into_iter());
+        assert_eq!(list, ["From", "To", "Subject", "From"]);
+        let whole = dkim.sign(&signers, &list, &raw).unwrap();
+        // Chunks that split the header/body boundary and CRLF pairs.
+        let mut stream = dkim.sign_streaming(&signers, &list);
+        for chunk in raw.chunks(7001) {
+            stream.write(Bytes::copy_from_slice(chunk)).await;
+        }
+        let streamed = stream.finish().await.unwrap();
+        assert_eq!(streamed.len(), 2);
+        for (one, two) in whole.iter().zip(&streamed) {
+            assert_eq!(tag(one, "bh"), tag(two, "bh"));
+            assert_eq!(tag(one, "h"), tag(two, "h"));
+            assert_eq!(tag(one, "a"), tag(two, "a"));
+        }
+        assert_eq!(tag(&streamed[0], "h"), "Subject:To:To:From:From");
+        // Dropped half way: the task is cancelled, nothing panics.
+        let mut abandoned = dkim.sign_streaming(&signers, &list);
+        abandoned
+            .write(Bytes::from_static(b"From: a@example.com\r\n"))
+            .await;
+        drop(abandoned);
     }
 
     #[test]

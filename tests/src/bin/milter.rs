@@ -2,11 +2,18 @@
 //! milters (postern-milter, opendkim, opendmarc). One request = one message from MAIL to end of
 //! message. `--end abort` (default) sends SMFIC_ABORT after each message and reuses the
 //! connection, as Postfix does within an SMTP session; `--end quit` sends SMFIC_QUIT and opens a
-//! new connection (negotiate, connect, helo) for every message.
+//! new connection (negotiate, connect, helo) for every message. `--chain HOST:PORT` passes each
+//! accepted message on to a second milter with the first one's header changes applied, as
+//! Postfix does with `smtpd_milters = A, B` (cleanup hands B the message A edited), so that
+//! opendkim + opendmarc are measured the way a postmaster runs them. `--expect TEXT` counts a
+//! message as an error unless a header the milter adds contains TEXT, so that a rate is one of
+//! signatures made or verifications passed, not of messages waved through.
 
 use clap::Parser;
 use postern_tests::clients::Target;
-use postern_tests::clients::milter::{MilterClient, MilterMessage, Verdict, sample_message};
+use postern_tests::clients::milter::{
+    MilterClient, MilterMessage, Modification, Verdict, sample_message,
+};
 use postern_tests::load::{self, LoadArgs, Worker};
 
 /// Drive a milter as an MTA would; print one line of figures.
@@ -30,6 +37,14 @@ struct Args {
     /// After each message: abort (keep the connection) or quit (reconnect per message)
     #[arg(long, value_enum, default_value_t = End::Abort)]
     end: End,
+    /// A second milter (HOST:PORT or unix:PATH) that gets each message the first accepted, with
+    /// the first one's header changes applied; a request is both milters
+    #[arg(long)]
+    chain: Option<String>,
+    /// Count a message as failed unless a header the (first) milter adds contains this text
+    /// ("dkim=pass" when verifying, "a=ed25519-sha256" when signing)
+    #[arg(long)]
+    expect: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -48,32 +63,108 @@ async fn session(target: &Target, client_ip: std::net::IpAddr) -> anyhow::Result
     Ok(client)
 }
 
+/// The message as the next milter in the chain sees it: the header changes applied (indexes as
+/// in the milter protocol: insert before the index-th header, change the index-th (1-based)
+/// header of that name, an empty value deletes it).
+fn edited(message: &MilterMessage, modifications: &[Modification]) -> MilterMessage {
+    let mut out = message.clone();
+    for modification in modifications {
+        match modification {
+            Modification::AddHeader(name, value) => out.headers.push((name.clone(), value.clone())),
+            Modification::InsertHeader(index, name, value) => {
+                let at = usize::try_from(*index)
+                    .unwrap_or(usize::MAX)
+                    .min(out.headers.len());
+                out.headers.insert(at, (name.clone(), value.clone()));
+            }
+            Modification::ChangeHeader(index, name, value) => {
+                let nth = usize::try_from(*index).unwrap_or(0).max(1) - 1;
+                let position = out
+                    .headers
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (n, _))| n.eq_ignore_ascii_case(name))
+                    .nth(nth)
+                    .map(|(i, _)| i);
+                match position {
+                    Some(i) if value.is_empty() => {
+                        out.headers.remove(i);
+                    }
+                    Some(i) => out.headers[i].1 = value.clone(),
+                    None if !value.is_empty() => out.headers.push((name.clone(), value.clone())),
+                    None => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 struct MilterWorker {
+    expect: Option<std::sync::Arc<str>>,
     client: Option<MilterClient>,
     target: Target,
+    chained: Option<MilterClient>,
+    chain: Option<Target>,
     client_ip: std::net::IpAddr,
     end: End,
     message: std::sync::Arc<MilterMessage>,
 }
 
-impl Worker for MilterWorker {
-    async fn request(&mut self, _index: u64) -> anyhow::Result<()> {
-        let mut client = match self.client.take() {
+impl MilterWorker {
+    /// One message through one milter, leaving the connection for the next message or closing it.
+    async fn one(
+        slot: &mut Option<MilterClient>,
+        target: &Target,
+        client_ip: std::net::IpAddr,
+        end: End,
+        message: &MilterMessage,
+    ) -> anyhow::Result<Vec<Modification>> {
+        let mut client = match slot.take() {
             Some(client) => client,
-            None => session(&self.target, self.client_ip).await?,
+            None => session(target, client_ip).await?,
         };
-        let outcome = client.message(&self.message).await?;
-        match self.end {
+        let outcome = client.message(message).await?;
+        match end {
             End::Abort => {
                 client.abort().await?;
-                self.client = Some(client);
+                *slot = Some(client);
             }
             End::Quit => client.quit().await?,
         }
         match outcome.verdict {
-            Some(Verdict::Continue | Verdict::Accept) => Ok(()),
+            Some(Verdict::Continue | Verdict::Accept) => Ok(outcome.modifications),
             other => anyhow::bail!("message not accepted: {other:?}"),
         }
+    }
+}
+
+impl Worker for MilterWorker {
+    async fn request(&mut self, _index: u64) -> anyhow::Result<()> {
+        let modifications = Self::one(
+            &mut self.client,
+            &self.target,
+            self.client_ip,
+            self.end,
+            &self.message,
+        )
+        .await?;
+        if let Some(expect) = &self.expect {
+            anyhow::ensure!(
+                modifications.iter().any(|m| match m {
+                    Modification::AddHeader(_, value) | Modification::InsertHeader(_, _, value) =>
+                        value.contains(&**expect),
+                    _ => false,
+                }),
+                "no added header contains {expect:?}: {modifications:?}"
+            );
+        }
+        if let Some(chain) = &self.chain {
+            let next = edited(&self.message, &modifications);
+            Self::one(&mut self.chained, chain, self.client_ip, self.end, &next).await?;
+        }
+        Ok(())
     }
 }
 
@@ -99,16 +190,29 @@ async fn main() -> anyhow::Result<()> {
     }
     let message = std::sync::Arc::new(message);
     let (client_ip, end) = (args.client_ip, args.end);
+    let chain: Option<Target> = args.chain.as_deref().map(str::parse).transpose()?;
+    let expect: Option<std::sync::Arc<str>> = args.expect.as_deref().map(Into::into);
     let summary = load::run(&args.load, move |target: Target| {
         let message = message.clone();
+        let chain = chain.clone();
+        let expect = expect.clone();
         async move {
-            let client = match end {
-                End::Abort => Some(session(&target, client_ip).await?),
-                End::Quit => None,
+            let (client, chained) = match end {
+                End::Abort => (
+                    Some(session(&target, client_ip).await?),
+                    match &chain {
+                        Some(chain) => Some(session(chain, client_ip).await?),
+                        None => None,
+                    },
+                ),
+                End::Quit => (None, None),
             };
             Ok(MilterWorker {
+                expect,
                 client,
                 target,
+                chained,
+                chain,
                 client_ip,
                 end,
                 message,

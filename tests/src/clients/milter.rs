@@ -1,11 +1,15 @@
 //! The MTA side of the milter protocol (version 6, as Postfix speaks it): negotiation, macros,
 //! the SMTP stages, and the modification actions a filter sends at end of message. Honours the
 //! stages and replies the filter negotiated away, so it drives opendkim as well as our milter.
+//! Writes are buffered and flushed when a reply is awaited, as Postfix's milter8 client does
+//! (its VSTREAM sends "macros and event parameters in one VSTREAM transaction", and headers
+//! and body chunks the filter needs no reply to go out together; SMFIC_ABORT waits in the
+//! buffer for the next exchange).
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 
 use super::{Io, Target, connect};
 
@@ -34,6 +38,9 @@ const OFFERED_ACTIONS: u32 = 0x1FF;
 const MAX_BODY_CHUNK: usize = 65_535;
 /// Largest packet we accept from a filter.
 const MAX_PACKET: usize = 1 << 20;
+/// Write buffer: what is queued beyond this goes out at once (Postfix grows its VSTREAM buffer
+/// to the TCP MSS, 64 KiB on loopback, see vstream_tweak_tcp).
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
 /// A filter's verdict at one stage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,7 +182,7 @@ impl MessageOutcome {
 
 /// One MTA connection to a filter.
 pub struct MilterClient {
-    stream: BufReader<Box<dyn Io>>,
+    stream: BufReader<BufWriter<Box<dyn Io>>>,
     protocol: u32,
     /// What the filter negotiated: (actions, protocol flags).
     pub negotiated: (u32, u32),
@@ -190,7 +197,10 @@ impl MilterClient {
     /// Connects and negotiates (protocol version 6, everything offered).
     pub async fn connect(target: &Target) -> anyhow::Result<Self> {
         let mut client = Self {
-            stream: BufReader::new(connect(target).await?),
+            stream: BufReader::new(BufWriter::with_capacity(
+                WRITE_BUFFER_BYTES,
+                connect(target).await?,
+            )),
             protocol: 0,
             negotiated: (0, 0),
         };
@@ -213,16 +223,16 @@ impl MilterClient {
 
     async fn send(&mut self, cmd: u8, data: &[u8]) -> anyhow::Result<()> {
         let len = u32::try_from(data.len() + 1)?;
-        let mut packet = Vec::with_capacity(data.len() + 5);
-        packet.extend_from_slice(&len.to_be_bytes());
-        packet.push(cmd);
-        packet.extend_from_slice(data);
-        self.stream.get_mut().write_all(&packet).await?;
+        let out = self.stream.get_mut();
+        out.write_all(&len.to_be_bytes()).await?;
+        out.write_u8(cmd).await?;
+        out.write_all(data).await?;
         Ok(())
     }
 
     async fn read(&mut self) -> anyhow::Result<(u8, Vec<u8>)> {
         tokio::time::timeout(Duration::from_secs(30), async {
+            self.stream.get_mut().flush().await?;
             let len = usize::try_from(self.stream.read_u32().await?)?;
             anyhow::ensure!((1..=MAX_PACKET).contains(&len), "bad packet length {len}");
             let cmd = self.stream.read_u8().await?;
@@ -391,19 +401,23 @@ impl MilterClient {
     }
 
     /// Forgets the current message and keeps the connection for the next one (SMFIC_ABORT, no
-    /// reply expected): what Postfix sends after each message and at RSET.
+    /// reply expected): what Postfix sends after each message and at RSET. Like Postfix's, it
+    /// stays in the write buffer until the next exchange.
     pub async fn abort(&mut self) -> anyhow::Result<()> {
         self.send(b'A', &[]).await
     }
 
     /// Ends the session politely.
     pub async fn quit(mut self) -> anyhow::Result<()> {
-        self.send(b'Q', &[]).await
+        self.send(b'Q', &[]).await?;
+        self.stream.get_mut().flush().await?;
+        Ok(())
     }
 
-    /// Sends a raw packet (tests of malformed input).
+    /// Sends a raw packet at once (tests of malformed input).
     pub async fn send_raw(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         self.stream.get_mut().write_all(bytes).await?;
+        self.stream.get_mut().flush().await?;
         Ok(())
     }
 }
