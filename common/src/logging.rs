@@ -53,7 +53,8 @@ pub fn init_daemon(config: &LogConfig) -> WorkerGuard {
         .lossy(false)
         .buffered_lines_limit(LOG_BUFFER_LINES)
         .thread_name("postern-log")
-        .finish(std::io::stderr());
+        // Lines waiting together go out in one write: the thread flushes when its queue is empty.
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
     install(config, BoxMakeWriter::new(writer));
     guard
 }
