@@ -241,7 +241,11 @@ pub fn decide(
             )
         });
     }
-    if (facts.published.is_some() || config.record_all_messages) && !tempfail {
+    // `[dmarc.reports] enabled = false`: evaluate and act, but leave nothing for reports.
+    if config.reports.enabled
+        && (facts.published.is_some() || config.record_all_messages)
+        && !tempfail
+    {
         decision.record = Some(ReportRecord {
             received: input.now as i64,
             job_id: input.queue_id.to_owned(),

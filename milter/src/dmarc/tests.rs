@@ -484,6 +484,25 @@ async fn no_record_is_none_and_recorded_only_with_record_all_messages() {
 }
 
 #[tokio::test]
+async fn reports_disabled_evaluates_but_records_nothing() {
+    let zone = standard_zone();
+    let mut case = Case::new(
+        &zone,
+        message("alice@example.com", ""),
+        "b@bounce.example.com",
+    );
+    assert!(case.run().await.record.is_some());
+    case.config.reports.enabled = false;
+    case.config.record_all_messages = true;
+    let decision = case.run().await;
+    assert_eq!(
+        header(&decision),
+        "mx.test; dmarc=pass (p=reject dis=none) header.from=example.com"
+    );
+    assert_eq!(decision.record, None);
+}
+
+#[tokio::test]
 async fn ignored_clients_and_domains_are_not_evaluated() {
     let zone = standard_zone();
     let mut case = Case::new(&zone, message("a@example.com", ""), "x@elsewhere.test");

@@ -1,6 +1,8 @@
 //! The report store through sqlx Any, and the [`Recorder`] the milter records into: the store
 //! when it answers, otherwise a spool file that is replayed (each record has a unique key, so a
-//! replay interrupted half-way and repeated counts nothing twice).
+//! replay interrupted half-way and repeated counts nothing twice). Records that arrive while one
+//! is being written are written together, in one statement (group commit): each caller still
+//! returns only once its own record is durable.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -9,7 +11,7 @@ use std::time::Duration;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, AssertSqlSafe, Executor, Row};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, oneshot};
 use tracing::{info, warn};
 
 use super::{ReportError, ReportRecord, ReportsConfig};
@@ -62,14 +64,19 @@ impl Store {
         };
         let mut options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(3));
         if backend == Backend::Sqlite {
-            // One writer at a time; WAL so readers (reports send) do not block the milter.
-            options = options.max_connections(1).after_connect(|conn, _| {
-                Box::pin(async move {
-                    conn.execute("PRAGMA busy_timeout = 5000").await?;
-                    conn.execute("PRAGMA synchronous = NORMAL").await?;
-                    Ok(())
-                })
-            });
+            // One writer at a time; WAL so readers (reports send) do not block the milter. No
+            // ping before each use: a file does not go away like a server connection, and the
+            // ping is one more trip to sqlx's SQLite thread per record.
+            options = options
+                .max_connections(1)
+                .test_before_acquire(false)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        Ok(())
+                    })
+                });
         } else {
             options = options.max_connections(4);
         }
@@ -170,6 +177,41 @@ impl Store {
             .await
             .map_err(|e| self.err(e))?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// Stores several records in one statement (atomic: all or none); uids already present are
+    /// left alone. Returns how many were new.
+    pub async fn insert_batch(&self, batch: &[(String, ReportRecord)]) -> Result<u64, ReportError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let head = match self.backend {
+            Backend::Sqlite => "INSERT OR IGNORE INTO dmarc_messages",
+            Backend::Postgres => "INSERT INTO dmarc_messages",
+            Backend::Mysql => "INSERT IGNORE INTO dmarc_messages",
+        };
+        let mut sql = format!("{head} (uid, received, policy_domain, record) VALUES ");
+        for i in 0..batch.len() {
+            sql.push_str(if i == 0 {
+                "(?, ?, ?, ?)"
+            } else {
+                ", (?, ?, ?, ?)"
+            });
+        }
+        if self.backend == Backend::Postgres {
+            sql.push_str(" ON CONFLICT DO NOTHING");
+        }
+        let sql = self.sql(&sql);
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for (uid, record) in batch {
+            query = query
+                .bind(uid.clone())
+                .bind(record.received)
+                .bind(record.published.domain.to_ascii_lowercase())
+                .bind(serde_json::to_string(record).expect("records serialise"));
+        }
+        let done = query.execute(&self.pool).await.map_err(|e| self.err(e))?;
+        Ok(done.rows_affected())
     }
 
     /// Number of stored records.
@@ -334,11 +376,24 @@ pub async fn expire(store: &Store, config: &ReportsConfig, now: i64) -> Result<u
     Ok(deleted)
 }
 
+/// Most records written in one statement (SQLite allows 32766 bound values; 4 per record).
+const MAX_BATCH_RECORDS: usize = 256;
+
+/// A record waiting for the writer, and where its outcome goes.
+#[derive(Debug)]
+struct Queued {
+    uid: String,
+    record: ReportRecord,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
 /// What the milter records into: the store, or the spool while the store is down.
 #[derive(Debug)]
 pub struct Recorder {
     url: String,
     spool: PathBuf,
+    /// Records not yet written; whoever holds `store` next writes them all.
+    queue: std::sync::Mutex<Vec<Queued>>,
     store: Mutex<Option<Store>>,
     spooled: AtomicBool,
     counter: AtomicU64,
@@ -379,6 +434,7 @@ impl Recorder {
         let recorder = Self {
             url,
             spool,
+            queue: std::sync::Mutex::new(Vec::new()),
             store: Mutex::new(store),
             spooled: AtomicBool::new(spooled),
             counter: AtomicU64::new(0),
@@ -408,31 +464,79 @@ impl Recorder {
 
     /// Records one message durably (store or spool) before the milter answers. Fails only when
     /// both the store and the spool file fail.
+    ///
+    /// Group commit: the record is queued; whoever gets the store next writes everything queued
+    /// in one statement, so concurrent messages share one database round trip and commit.
     pub async fn record(&self, record: &ReportRecord) -> Result<(), ReportError> {
-        let uid = self.uid(record);
-        let mut guard = self.store.lock().await;
+        let (done, outcome) = oneshot::channel();
+        self.queue.lock().expect("not poisoned").push(Queued {
+            uid: self.uid(record),
+            record: record.clone(),
+            done,
+        });
+        {
+            let mut guard = self.store.lock().await;
+            let batch: Vec<Queued> = {
+                let mut queue = self.queue.lock().expect("not poisoned");
+                let n = queue.len().min(MAX_BATCH_RECORDS);
+                queue.drain(..n).collect()
+            };
+            // Empty: an earlier writer took ours along, and its outcome is waiting below.
+            if !batch.is_empty() {
+                self.write_locked(&mut guard, batch).await;
+            }
+        }
+        match outcome.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(ReportError::Spool {
+                path: self.spool.display().to_string(),
+                source: std::io::Error::other(message),
+            }),
+            Err(_) => Err(ReportError::Spool {
+                path: self.spool.display().to_string(),
+                source: std::io::Error::other("recording interrupted"),
+            }),
+        }
+    }
+
+    /// Writes a batch to the store, or to the spool when the store fails, and tells each
+    /// caller the outcome.
+    async fn write_locked(&self, guard: &mut Option<Store>, batch: Vec<Queued>) {
         if self.spooled.load(Ordering::Acquire)
             && (guard.is_some() || !self.backing_off())
-            && let Err(err) = self.replay_locked(&mut guard).await
+            && let Err(err) = self.replay_locked(guard).await
         {
             warn!(error = %err, "DMARC report spool replay failed");
         }
+        let entries: Vec<(String, ReportRecord)> = batch
+            .iter()
+            .map(|q| (q.uid.clone(), q.record.clone()))
+            .collect();
+        let mut stored = false;
         if !self.spooled.load(Ordering::Acquire)
-            && let Some(store) = self.connected(&mut guard).await
+            && let Some(store) = self.connected(guard).await
         {
-            match store.insert(&uid, record).await {
+            match store.insert_batch(&entries).await {
                 Ok(_) => {
-                    metrics::counter!("postern_milter_dmarc_records_stored_total").increment(1);
-                    return Ok(());
+                    metrics::counter!("postern_milter_dmarc_records_stored_total")
+                        .increment(entries.len() as u64);
+                    stored = true;
                 }
                 Err(err) => {
-                    warn!(error = %err, "DMARC report store write failed, spooling");
+                    warn!(error = %err, records = entries.len(), "DMARC report store write failed, spooling");
                     *guard = None;
                     self.back_off();
                 }
             }
         }
-        self.append_spool(&uid, record).await
+        let result = if stored {
+            Ok(())
+        } else {
+            self.append_spool(&entries).await.map_err(|e| e.to_string())
+        };
+        for queued in batch {
+            let _ = queued.done.send(result.clone());
+        }
     }
 
     fn back_off(&self) {
@@ -470,17 +574,22 @@ impl Recorder {
         guard.as_ref()
     }
 
-    async fn append_spool(&self, uid: &str, record: &ReportRecord) -> Result<(), ReportError> {
+    async fn append_spool(&self, entries: &[(String, ReportRecord)]) -> Result<(), ReportError> {
         let error = |source| ReportError::Spool {
             path: self.spool.display().to_string(),
             source,
         };
-        let mut line = serde_json::to_string(&SpoolEntry {
-            uid: uid.to_owned(),
-            record: record.clone(),
-        })
-        .expect("records serialise");
-        line.push('\n');
+        let mut lines = String::new();
+        for (uid, record) in entries {
+            lines.push_str(
+                &serde_json::to_string(&SpoolEntry {
+                    uid: uid.clone(),
+                    record: record.clone(),
+                })
+                .expect("records serialise"),
+            );
+            lines.push('\n');
+        }
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -488,10 +597,11 @@ impl Recorder {
             .open(&self.spool)
             .await
             .map_err(error)?;
-        file.write_all(line.as_bytes()).await.map_err(error)?;
+        file.write_all(lines.as_bytes()).await.map_err(error)?;
         file.sync_data().await.map_err(error)?;
         self.spooled.store(true, Ordering::Release);
-        metrics::counter!("postern_milter_dmarc_records_spooled_total").increment(1);
+        metrics::counter!("postern_milter_dmarc_records_spooled_total")
+            .increment(entries.len() as u64);
         Ok(())
     }
 

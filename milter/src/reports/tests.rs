@@ -593,6 +593,58 @@ async fn recording_rate_on_sqlite() {
     assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
 }
 
+/// Concurrent callers share writes (group commit), and each returns only once its own record is
+/// stored: every record lands exactly once, in the store or, while it is down, in the spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_records_are_written_together_each_exactly_once() {
+    const CALLERS: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let db_dir = dir.path().join("db");
+    let mut config = test_config(dir.path());
+    config.store = format!("sqlite://{}?mode=rwc", db_dir.join("store.db").display());
+    let template = fixture_records(NOW).await.remove(0);
+    let run = |recorder: std::sync::Arc<Recorder>, round: usize| {
+        let template = template.clone();
+        async move {
+            let tasks: Vec<_> = (0..CALLERS)
+                .map(|i| {
+                    let recorder = recorder.clone();
+                    let mut record = template.clone();
+                    record.job_id = format!("R{round}Q{i}");
+                    tokio::spawn(async move { recorder.record(&record).await })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap().unwrap();
+            }
+        }
+    };
+    // The store's directory is missing: everything goes to the spool, each record once.
+    let recorder = std::sync::Arc::new(Recorder::open(&config, dir.path()).await);
+    run(recorder.clone(), 0).await;
+    let spool = std::fs::read_to_string(dir.path().join("spool")).unwrap();
+    assert_eq!(spool.lines().count(), CALLERS);
+    // The store is back: the spool is replayed, then the next round is stored.
+    std::fs::create_dir(&db_dir).unwrap();
+    assert_eq!(recorder.replay().await.unwrap(), CALLERS);
+    run(recorder.clone(), 1).await;
+    let store = recorder.store().await.unwrap();
+    let mut jobs: Vec<String> = store
+        .records("example.com", 0, i64::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.job_id)
+        .collect();
+    jobs.sort();
+    let mut expected: Vec<String> = (0..2)
+        .flat_map(|round| (0..CALLERS).map(move |i| format!("R{round}Q{i}")))
+        .collect();
+    expected.sort();
+    assert_eq!(jobs, expected);
+    assert!(!dir.path().join("spool").exists());
+}
+
 #[tokio::test]
 async fn a_down_store_is_retried_only_after_the_retry_interval() {
     let dir = tempfile::tempdir().unwrap();
