@@ -89,6 +89,11 @@ impl Daemon for Milter {
         if old.worker_threads != new.worker_threads {
             keys.push("worker_threads");
         }
+        // The report store is opened at start, when DMARC and its reports are on.
+        let recording = |c: &MilterConfig| c.dmarc.enabled && c.dmarc.reports.enabled;
+        if recording(old) != recording(new) || old.dmarc.reports.store != new.dmarc.reports.store {
+            keys.push("dmarc.reports");
+        }
         keys
     }
 }
@@ -779,34 +784,24 @@ async fn process(
         queue_id,
         now: postern_common::clock::Clock::unix(&postern_common::clock::SystemClock),
     };
-    // dmarc::evaluate takes `&mut dyn FnMut() -> u8` (not Send), so its future cannot be held
-    // across an await in indymilter's Send callbacks; run it to completion on this worker
-    // thread instead (block_in_place needs the multi-threaded runtime common::daemon builds).
-    if tokio::runtime::Handle::current().runtime_flavor()
-        != tokio::runtime::RuntimeFlavor::MultiThread
-    {
-        warn!(
-            queue_id,
-            client, "DMARC needs the multi-threaded runtime; not evaluated"
-        );
-        return apply(cx, verdict.action, verdict.case);
-    }
-    let decision = tokio::task::block_in_place(|| {
-        tokio::runtime::Handle::current().block_on(dmarc::evaluate(
-            dmarc_config,
-            &input,
-            &milter.auth,
-            &mut percent_sample,
-        ))
-    });
+    let decision = dmarc::evaluate(dmarc_config, &input, &milter.auth, &mut percent_sample).await;
     if let Some(record) = &decision.record
         && let Some(recorder) = facts.recorder
         && let Err(err) = recorder.record(record).await
     {
+        // Neither the store nor the spool took it: accepting would lose the record of a
+        // message Postfix then delivers. The sender retries later.
         warn!(
             queue_id,
-            client, "cannot record the DMARC result for reports: {err}"
+            client,
+            "cannot record the DMARC result for reports (store and spool failed): {err}; answering tempfail"
         );
+        let _ = cx.reply.set_error_reply(
+            "451",
+            Some("4.3.0"),
+            ["DMARC report store unavailable, try again later"],
+        );
+        return Status::Tempfail;
     }
     // After ours (index 0): DMARC's own Authentication-Results, then SPF's.
     for (index, value) in (1..).zip(
@@ -941,7 +936,7 @@ pub async fn run(ctx: DaemonContext<Milter>) -> anyhow::Result<()> {
         .await
         .map_err(|err| anyhow::anyhow!("cannot listen on {}: {err}", config.listen))?;
     info!(listen = %listener.describe(), "listening");
-    let recorder = if config.dmarc.enabled {
+    let recorder = if config.dmarc.enabled && config.dmarc.reports.enabled {
         Some(Arc::new(
             Recorder::open(&config.dmarc.reports, &config.state_dir).await,
         ))

@@ -407,3 +407,55 @@ async fn sigkill_through_postfix_loses_no_record_postfix_accepted() {
         seen.len()
     );
 }
+
+/// When neither the report store nor the spool file takes a record, the message is refused
+/// with a temporary error (the sender retries) rather than accepted without its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_store_and_no_spool_means_tempfail_not_an_unrecorded_accept() {
+    let mut zone = Zone::new();
+    zone.add("example.com", "TXT", "v=spf1 ip4:192.0.2.0/24 -all")
+        .unwrap();
+    zone.add(
+        "_dmarc.example.com",
+        "TXT",
+        "v=DMARC1; p=reject; rua=mailto:dmarc@example.com",
+    )
+    .unwrap();
+    let dns = TestDns::start(zone).await.unwrap();
+    let state_root = tempfile::tempdir().unwrap();
+    let state = state_root.path().join("state");
+    // The spool "file" is a directory (appending fails); nothing listens on the store's port.
+    let spool = state_root.path().join("spool-is-a-directory");
+    std::fs::create_dir(&spool).unwrap();
+    let port = free_port();
+    let dead_store = free_port();
+    let config = format!(
+        "state_dir = \"{}\"\nlisten = \"inet:127.0.0.1:{port}\"\nauthserv_id = \"mx.test.example\"\n\
+         [dmarc]\nignore_hosts = []\n[dmarc.reports]\nstore = \"postgres://postern@127.0.0.1:{dead_store}/reports\"\n\
+         spool_file = \"{}\"\n[dns]\nnameservers = [\"{}\"]\n",
+        state.display(),
+        spool.display(),
+        dns.addr()
+    );
+    let milter = DaemonProcess::start("milter", &config, &[port]).unwrap();
+    let target: Target = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut client = session(&target).await.unwrap();
+    let mut message = MilterMessage::parse(
+        &sample_message("example.com"),
+        "alice@example.com",
+        &["bob@dest.example"],
+    );
+    message.queue_id = "T1".into();
+    let result = client.message(&message).await.unwrap();
+    assert_eq!(
+        result.verdict,
+        Some(Verdict::ReplyCode(
+            "451 4.3.0 DMARC report store unavailable, try again later".into()
+        )),
+        "{}",
+        milter.log()
+    );
+    milter
+        .wait_log("answering tempfail", Duration::from_secs(5))
+        .unwrap();
+}
