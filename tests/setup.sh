@@ -10,7 +10,7 @@ packages=(
     redis-server postgresql mariadb-server
     db-util libxml2-utils
     postgrey postsrsd opendkim opendkim-tools opendmarc postfix-policyd-spf-python
-    iproute2 procps socat
+    iproute2 procps socat time
 )
 # dkimpy (and PyNaCl for its Ed25519) for the DKIM interoperability tests, from PyPI.
 if ! python3 -c 'import dkim, nacl' 2>/dev/null; then

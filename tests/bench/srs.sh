@@ -12,9 +12,9 @@ printf 'state_dir = "%s"\nsrs_domain = "fwd.example"\nsecrets_file = "%s"\nforwa
 "$B/postern-srsd" -c "$W/srsd.toml" 2>"$W/srsd.log" & PIDS+=($!); OS_PID=$!
 wait_port $SF; wait_port $OF; wait_port $OS
 for c in 1 8; do
-    row "postsrsd      tcp_table forward c=$c" "$("$B/tcp-table" 127.0.0.1:$SF -c $c -d $SECS --pid $PS_PID)"
-    row "postern-srsd  tcp_table forward c=$c" "$("$B/tcp-table" 127.0.0.1:$OF -c $c -d $SECS --pid $OS_PID)"
-    row "postern-srsd  socketmap forward c=$c" "$("$B/socketmap" 127.0.0.1:$OS -c $c -d $SECS --pid $OS_PID)"
+    row "postsrsd      tcp_table forward c=$c" "$(with_cpu "$B/tcp-table" 127.0.0.1:$SF -c $c -d $SECS --pid $PS_PID)"
+    row "postern-srsd  tcp_table forward c=$c" "$(with_cpu "$B/tcp-table" 127.0.0.1:$OF -c $c -d $SECS --pid $OS_PID)"
+    row "postern-srsd  socketmap forward c=$c" "$(with_cpu "$B/socketmap" 127.0.0.1:$OS -c $c -d $SECS --pid $OS_PID)"
 done
 
 kill "$PS_PID" "$OS_PID" 2>/dev/null || true

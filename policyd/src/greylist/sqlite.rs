@@ -77,21 +77,26 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5))
-            .pragma("cache_size", "-16000");
+            .busy_timeout(Duration::from_secs(5));
         // The group-commit worker owns the one connection that writes for requests and
-        // expiry; the pool (one connection) serves the admin commands and imports.
+        // expiry; the pool (one connection) serves the admin commands, imports and
+        // checkpoints. Page caches (KiB, negative) sized so that the daemon stays well under
+        // 40 MB: the writer's holds the B-tree's upper levels of a 10-million-triplet store.
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            .connect_with(options.clone())
+            .connect_with(options.clone().pragma("cache_size", "-4000"))
             .await?;
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
         }
         // Checkpoints copy the WAL into the database file and sync it, which can take
         // milliseconds: they run on the pool's connection, never in a request's commit.
-        let writer = options.pragma("wal_autocheckpoint", "0").connect().await?;
+        let writer = options
+            .pragma("cache_size", "-8000")
+            .pragma("wal_autocheckpoint", "0")
+            .connect()
+            .await?;
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
         tokio::spawn(checkpoint_in_background(
             pool.clone(),
