@@ -54,7 +54,10 @@ pub fn init_daemon(config: &LogConfig) -> WorkerGuard {
         .buffered_lines_limit(LOG_BUFFER_LINES)
         .thread_name("postern-log")
         // Lines waiting together go out in one write: the thread flushes when its queue is empty.
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     install(config, BoxMakeWriter::new(writer));
     guard
 }
