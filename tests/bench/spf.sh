@@ -87,7 +87,7 @@ for c in 1 8; do
     "$B/policy" 127.0.0.1:$OSPF -c $c -d 1 --mix spf >/dev/null
     row "postern-policyd spf c=$c" "$("$B/policy" 127.0.0.1:$OSPF -c $c -d $SECS --mix spf --pid $OSPF_PID), load $(cut -d' ' -f1-3 /proc/loadavg)"
 done
-row "postern-policyd spf decisions" "$(grep -c 'reason="spf ' "$W/policyd-spf-only.log" || true) logged; outcomes: $(grep -o 'reason="spf [a-z_]*' "$W/policyd-spf-only.log" | sed 's/reason="spf //' | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
+row "postern-policyd spf decisions" "$(grep -c 'check="spf"' "$W/policyd-spf-only.log" || true) logged; outcomes: $(grep -o 'reason=spf [a-z_]*' "$W/policyd-spf-only.log" | sed 's/reason=spf //' | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
 
 kill "$SOCAT_PID" "$OSPF_PID" "$SPF_DNS_PID" 2>/dev/null || true
 wait "$SOCAT_PID" "$OSPF_PID" "$SPF_DNS_PID" 2>/dev/null || true
