@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -44,6 +45,8 @@ const SCHEMA: [&str; 4] = [
 pub struct SqliteStore {
     pool: SqlitePool,
     jobs: mpsc::Sender<Job>,
+    /// The worker's row cache, read (never written) by requests that it answers alone.
+    cache: Arc<Mutex<RowCache>>,
 }
 
 /// A request waiting for a group commit.
@@ -98,13 +101,14 @@ impl SqliteStore {
             .connect()
             .await?;
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
+        let cache = Arc::new(Mutex::new(RowCache::default()));
         tokio::spawn(checkpoint_in_background(
             pool.clone(),
             jobs.downgrade(),
             checkpoint_interval,
         ));
-        tokio::spawn(group_commit_worker(writer, queue));
-        Ok(Self { pool, jobs })
+        tokio::spawn(group_commit_worker(writer, queue, cache.clone()));
+        Ok(Self { pool, jobs, cache })
     }
 
     /// Closes the pool (checkpointing the WAL).
@@ -156,8 +160,11 @@ enum Job {
 /// Under load the work is pipelined: the write of one batch and the read of the next go to
 /// SQLite's thread in one round trip (the read after the commit, so it sees it), and a batch is
 /// answered when that round trip returns. An idle worker writes a batch at once.
-async fn group_commit_worker(mut conn: SqliteConnection, mut queue: mpsc::Receiver<Job>) {
-    let mut cache = RowCache::default();
+async fn group_commit_worker(
+    mut conn: SqliteConnection,
+    mut queue: mpsc::Receiver<Job>,
+    cache: Arc<Mutex<RowCache>>,
+) {
     let mut pending: Option<Decided> = None;
     let mut expiries = Vec::new();
     loop {
@@ -183,7 +190,12 @@ async fn group_commit_worker(mut conn: SqliteConnection, mut queue: mpsc::Receiv
         if steps.is_empty() || !expiries.is_empty() {
             if let Some(decided) = pending.take() {
                 let written = write_rows(&mut conn, &decided.write, None).await;
-                finish(&mut cache, Some(decided), Vec::new(), written.map(|_| ()));
+                finish(
+                    &mut lock(&cache),
+                    Some(decided),
+                    Vec::new(),
+                    written.map(|_| ()),
+                );
             }
             for job in expiries.drain(..) {
                 if let Job::Expire {
@@ -194,7 +206,7 @@ async fn group_commit_worker(mut conn: SqliteConnection, mut queue: mpsc::Receiv
                 {
                     // Rows last seen before the cutoff may be cached (a client read for its AWL
                     // count); they are gone from the database now.
-                    cache.forget_older_than(cutoff);
+                    lock(&cache).forget_older_than(cutoff);
                     let _ = reply.send(expire_batch(&mut conn, cutoff, batch).await);
                 }
             }
@@ -207,7 +219,7 @@ async fn group_commit_worker(mut conn: SqliteConnection, mut queue: mpsc::Receiv
         }
         metrics::histogram!("postern_policyd_greylist_batch_requests").record(steps.len() as f64);
         let batch: Vec<&GreylistStep> = steps.iter().map(|job| &job.step).collect();
-        let plan = ReadPlan::new(&cache, &batch);
+        let plan = ReadPlan::new(&lock(&cache), &batch);
         let read = match pending.take() {
             Some(decided) => {
                 let result = write_rows(&mut conn, &decided.write, Some(&plan)).await;
@@ -221,23 +233,23 @@ async fn group_commit_worker(mut conn: SqliteConnection, mut queue: mpsc::Receiv
                         )
                     }
                 };
-                finish(&mut cache, Some(decided), Vec::new(), written);
+                finish(&mut lock(&cache), Some(decided), Vec::new(), written);
                 rows
             }
             None => plan.read(&mut conn).await,
         };
-        let decided = read.and_then(|rows| Ok(decide(&mut cache, &batch, plan, rows)?));
+        let decided = read.and_then(|rows| Ok(decide(&mut lock(&cache), &batch, plan, rows)?));
         drop(batch);
         match decided {
             Ok(mut decided) if decided.write.is_empty() => {
                 decided.jobs = steps;
-                finish(&mut cache, Some(decided), Vec::new(), Ok(()));
+                finish(&mut lock(&cache), Some(decided), Vec::new(), Ok(()));
             }
             Ok(mut decided) => {
                 decided.jobs = steps;
                 pending = Some(decided);
             }
-            Err(err) => finish(&mut cache, None, steps, Err(err)),
+            Err(err) => finish(&mut lock(&cache), None, steps, Err(err)),
         }
     }
 }
@@ -351,6 +363,40 @@ impl RowCache {
         self.clients
             .retain(|row| row.is_none_or(|count| count.last >= cutoff));
     }
+}
+
+fn lock(cache: &Mutex<RowCache>) -> std::sync::MutexGuard<'_, RowCache> {
+    cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The outcome of a step that changes nothing, from the cache alone: a known triplet seen again
+/// in the same second, or an auto-whitelisted client counted less than an hour ago. None when
+/// a row is not cached or the step writes (a new triplet, a new second, an AWL count).
+///
+/// The cache may hold rows of a batch whose commit is still under way. Answering from them is
+/// safe: such a row differs from the committed one at most by a last-seen time (or is a new
+/// triplet, answered "greylisted"), so the answer is the one the committed state gives.
+fn answer_from_cache(cache: &RowCache, step: &GreylistStep) -> Option<StepOutcome> {
+    if step.awl_threshold > 0 {
+        let client = cache.clients.get(&step.awl_key)?;
+        if let Some(count) = client
+            && count.count >= step.awl_threshold
+        {
+            return bump_client(Some(count), step.now)
+                .is_none()
+                .then_some(StepOutcome::ClientAwl);
+        }
+    }
+    let (times, passed) = cache.triplets.get(&step.triplet_key)??;
+    let seen = record_triplet(Some(times), step.now, step.rules);
+    let unchanged =
+        seen.first == times.first && step.now == times.last && seen.last_was_successful == passed;
+    (unchanged && !step.counts_for_awl(seen)).then_some(StepOutcome::Triplet {
+        seen,
+        client_bumped: None,
+    })
 }
 
 /// Keys cached per generation.
@@ -670,6 +716,9 @@ fn decide(
 
 impl Store for SqliteStore {
     async fn greylist_step(&self, step: &GreylistStep) -> Result<StepOutcome, StoreError> {
+        if let Some(outcome) = answer_from_cache(&lock(&self.cache), step) {
+            return Ok(outcome);
+        }
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job::Step(StepJob {
@@ -859,8 +908,9 @@ mod tests {
         }
     }
 
-    /// The group-commit path gives what the three-call composition gives on the reference
-    /// store, for every state a triplet and its client can be in.
+    /// The group-commit path (and the cache-only answer of a repeated step) gives what the
+    /// three-call composition gives on the reference store, for every state a triplet and its
+    /// client can be in.
     #[tokio::test]
     async fn group_commit_matches_the_composition_one_by_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -894,9 +944,13 @@ mod tests {
                             sqlite.import(&entries).await.unwrap();
                             memory.import(&entries).await.unwrap();
                             let step = step(&triplet, &client, now, threshold);
-                            let got = sqlite.greylist_step(&step).await.unwrap();
-                            let want = memory.greylist_step(&step).await.unwrap();
-                            assert_eq!(got, want, "{step:?} count={count:?} last={last}");
+                            // The second time in the same second, most steps are answered
+                            // from the cache alone.
+                            for _ in 0..2 {
+                                let got = sqlite.greylist_step(&step).await.unwrap();
+                                let want = memory.greylist_step(&step).await.unwrap();
+                                assert_eq!(got, want, "{step:?} count={count:?} last={last}");
+                            }
                             assert_eq!(
                                 sqlite.list(&client, 10).await.unwrap(),
                                 memory.list(&client, 10).await.unwrap(),
@@ -917,6 +971,59 @@ mod tests {
                 },
                 client_bumped: None
             }
+        );
+    }
+
+    /// A known triplet seen again in the same second, and an auto-whitelisted client counted
+    /// within the hour, are answered from the cache without the worker; anything that writes
+    /// is not.
+    #[tokio::test]
+    async fn steps_that_change_nothing_are_answered_from_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = SqliteStore::open(&dir.path().join("g.sqlite"))
+            .await
+            .unwrap();
+        let first = step("t", "c", 1000, 5);
+        assert_eq!(
+            answer_from_cache(&lock(&sqlite.cache), &first),
+            None,
+            "not cached"
+        );
+        let outcome = sqlite.greylist_step(&first).await.unwrap();
+        assert_eq!(
+            answer_from_cache(&lock(&sqlite.cache), &first),
+            Some(outcome),
+            "same triplet, same second"
+        );
+        let later = step("t", "c", 1001, 5);
+        assert_eq!(
+            answer_from_cache(&lock(&sqlite.cache), &later),
+            None,
+            "last seen moves"
+        );
+        sqlite
+            .import(&[Entry {
+                kind: Kind::Client,
+                key: "awl".into(),
+                first_or_count: 7,
+                last: 5000,
+            }])
+            .await
+            .unwrap();
+        let whitelisted = step("t2", "awl", 5100, 5);
+        assert_eq!(
+            sqlite.greylist_step(&whitelisted).await.unwrap(),
+            StepOutcome::ClientAwl
+        );
+        assert_eq!(
+            answer_from_cache(&lock(&sqlite.cache), &step("t3", "awl", 5200, 5)),
+            Some(StepOutcome::ClientAwl),
+            "counted less than an hour ago"
+        );
+        assert_eq!(
+            answer_from_cache(&lock(&sqlite.cache), &step("t3", "awl", 5000 + 3600, 5)),
+            None,
+            "an hour later the count is refreshed"
         );
     }
 
