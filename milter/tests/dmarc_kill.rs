@@ -143,10 +143,10 @@ async fn recorded(state: &Path) -> BTreeMap<String, usize> {
     seen
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_run_loses_no_accepted_record() {
+/// DNS for example.com: SPF allowing `senders`, DMARC p=reject with a rua address.
+async fn example_com_dns(senders: &str) -> TestDns {
     let mut zone = Zone::new();
-    zone.add("example.com", "TXT", "v=spf1 ip4:192.0.2.0/24 -all")
+    zone.add("example.com", "TXT", &format!("v=spf1 {senders} -all"))
         .unwrap();
     zone.add(
         "_dmarc.example.com",
@@ -154,7 +154,12 @@ async fn sigkill_mid_run_loses_no_accepted_record() {
         "v=DMARC1; p=reject; rua=mailto:dmarc@example.com",
     )
     .unwrap();
-    let dns = TestDns::start(zone).await.unwrap();
+    TestDns::start(zone).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_run_loses_no_accepted_record() {
+    let dns = example_com_dns("ip4:192.0.2.0/24").await;
     let state_root = tempfile::tempdir().unwrap();
     let state = state_root.path().join("state");
     let port = free_port();
@@ -277,16 +282,7 @@ async fn sigkill_through_postfix_loses_no_record_postfix_accepted() {
     ) {
         return;
     }
-    let mut zone = Zone::new();
-    zone.add("example.com", "TXT", "v=spf1 ip4:127.0.0.0/8 -all")
-        .unwrap();
-    zone.add(
-        "_dmarc.example.com",
-        "TXT",
-        "v=DMARC1; p=reject; rua=mailto:dmarc@example.com",
-    )
-    .unwrap();
-    let dns = TestDns::start(zone).await.unwrap();
+    let dns = example_com_dns("ip4:127.0.0.0/8").await;
     let state_root = tempfile::tempdir().unwrap();
     let state = state_root.path().join("state");
     let port = free_port();
@@ -412,16 +408,7 @@ async fn sigkill_through_postfix_loses_no_record_postfix_accepted() {
 /// with a temporary error (the sender retries) rather than accepted without its record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_store_and_no_spool_means_tempfail_not_an_unrecorded_accept() {
-    let mut zone = Zone::new();
-    zone.add("example.com", "TXT", "v=spf1 ip4:192.0.2.0/24 -all")
-        .unwrap();
-    zone.add(
-        "_dmarc.example.com",
-        "TXT",
-        "v=DMARC1; p=reject; rua=mailto:dmarc@example.com",
-    )
-    .unwrap();
-    let dns = TestDns::start(zone).await.unwrap();
+    let dns = example_com_dns("ip4:192.0.2.0/24").await;
     let state_root = tempfile::tempdir().unwrap();
     let state = state_root.path().join("state");
     // The spool "file" is a directory (appending fails); nothing listens on the store's port.
