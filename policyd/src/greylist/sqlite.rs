@@ -88,7 +88,7 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            .connect_with(options.clone().pragma("cache_size", "-4000"))
+            .connect_with(options.clone().pragma("cache_size", "-1000"))
             .await?;
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
@@ -96,7 +96,7 @@ impl SqliteStore {
         // Checkpoints copy the WAL into the database file and sync it, which can take
         // milliseconds: they run on the pool's connection, never in a request's commit.
         let writer = options
-            .pragma("cache_size", "-8000")
+            .pragma("cache_size", "-16000")
             .pragma("wal_autocheckpoint", "0")
             .connect()
             .await?;
@@ -400,7 +400,7 @@ fn answer_from_cache(cache: &RowCache, step: &GreylistStep) -> Option<StepOutcom
 }
 
 /// Keys cached per generation.
-const CACHE_GENERATION: usize = 8192;
+const CACHE_GENERATION: usize = 4096;
 /// How long a generation takes new keys.
 const CACHE_LIFETIME: Duration = Duration::from_secs(30);
 
@@ -872,6 +872,11 @@ impl Store for SqliteStore {
 
     async fn import(&self, entries: &[Entry]) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // Bulk loads (a postgrey database of millions of triplets) want the B-tree's upper
+        // levels cached; the pool's connection is otherwise kept small.
+        sqlx::query("PRAGMA cache_size = -16000")
+            .execute(&mut *tx)
+            .await?;
         for entry in entries {
             let sql = match entry.kind {
                 Kind::Triplet => {
