@@ -44,7 +44,12 @@ pub enum Fault {
 pub struct Zone {
     records: HashMap<String, Vec<RData>>,
     faults: HashMap<String, Fault>,
+    /// TTL of every answer and of "no such record" (the SOA's); `None`: 60 seconds.
+    ttl: Option<u32>,
 }
+
+/// The TTL answers carry unless a test sets another.
+const DEFAULT_TTL: u32 = 60;
 
 fn key(name: &str) -> String {
     name.trim().trim_end_matches('.').to_ascii_lowercase()
@@ -171,6 +176,15 @@ impl Zone {
         Ok(())
     }
 
+    /// Sets the TTL of every answer, positive and negative (tests of caching).
+    pub fn set_ttl(&mut self, seconds: u32) {
+        self.ttl = Some(seconds);
+    }
+
+    fn ttl(&self) -> u32 {
+        self.ttl.unwrap_or(DEFAULT_TTL)
+    }
+
     /// Removes every record of `name`.
     pub fn remove(&mut self, name: &str) {
         self.records.remove(&key(name));
@@ -225,7 +239,7 @@ impl Zone {
             if let Some(target) = cname {
                 answers.push(Record::from_rdata(
                     name.clone(),
-                    60,
+                    self.ttl(),
                     RData::CNAME(CNAME(target.clone())),
                 ));
                 name = target;
@@ -235,7 +249,7 @@ impl Zone {
                 rdatas
                     .iter()
                     .filter(|r| r.record_type() == qtype)
-                    .map(|r| Record::from_rdata(name.clone(), 60, r.clone())),
+                    .map(|r| Record::from_rdata(name.clone(), self.ttl(), r.clone())),
             );
             return Ok(answers);
         }
@@ -279,7 +293,7 @@ impl Drop for TestDns {
 /// The SOA a negative answer carries in its authority section (RFC 2308), as real servers send
 /// it: without one, resolvers do not cache "no such record" and ask again every time. The
 /// owner is the query's last two labels (the test zones have no apex of their own).
-fn negative_soa(query: &Name) -> Record {
+fn negative_soa(query: &Name, ttl: u32) -> Record {
     let apex = query.trim_to(2.min(query.num_labels() as usize));
     let host = |label: &str| {
         Name::from_ascii(label)
@@ -288,7 +302,7 @@ fn negative_soa(query: &Name) -> Record {
     };
     Record::from_rdata(
         apex.clone(),
-        60,
+        ttl,
         RData::SOA(SOA::new(
             host("ns"),
             host("hostmaster"),
@@ -296,7 +310,7 @@ fn negative_soa(query: &Name) -> Record {
             3600,
             600,
             86_400,
-            60,
+            ttl,
         )),
     )
 }
@@ -318,14 +332,13 @@ fn respond(shared: &Shared, request: &[u8], max_len: usize) -> Option<Vec<u8>> {
         return response.to_vec().ok();
     };
     response.add_query(query.clone());
-    let result = shared
-        .zone
-        .lock()
-        .ok()?
-        .answer(query.name(), query.query_type());
+    let (result, ttl) = {
+        let zone = shared.zone.lock().ok()?;
+        (zone.answer(query.name(), query.query_type()), zone.ttl())
+    };
     match result {
         Ok(answers) if answers.is_empty() => {
-            response.add_authority(negative_soa(query.name()));
+            response.add_authority(negative_soa(query.name(), ttl));
         }
         Ok(answers) => {
             response.add_answers(answers);
@@ -334,7 +347,7 @@ fn respond(shared: &Shared, request: &[u8], max_len: usize) -> Option<Vec<u8>> {
         Err((_, Some(Fault::NxDomain))) => response.metadata.response_code = ResponseCode::NXDomain,
         Err((ResponseCode::NXDomain, None)) => {
             response.metadata.response_code = ResponseCode::NXDomain;
-            response.add_authority(negative_soa(query.name()));
+            response.add_authority(negative_soa(query.name(), ttl));
         }
         Err((code, _)) => response.metadata.response_code = code,
     }
@@ -445,6 +458,13 @@ impl TestDns {
             .lock()
             .map_err(|_| anyhow::anyhow!("zone lock poisoned"))?
             .add(name, rtype, value)
+    }
+
+    /// Sets the TTL of every answer from now on.
+    pub fn set_ttl(&self, seconds: u32) {
+        if let Ok(mut zone) = self.shared.zone.lock() {
+            zone.set_ttl(seconds);
+        }
     }
 
     /// Removes every record of a name while running.

@@ -6,9 +6,11 @@
 //! Errors read as pyspf's (`SPF Permanent Error: ...`), since policyd-spf puts them in headers.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use mail_auth::hickory_resolver::TokioResolver;
+use mail_auth::hickory_resolver::net::{DnsError, NetError, NoRecords};
 use mail_auth::hickory_resolver::proto::rr::{Name, RData, RecordType};
 use postern_common::config::{ConfigError, DnsConfig};
 use tokio::time::Instant;
@@ -343,10 +345,95 @@ fn in_network(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
     }
 }
 
+/// How long "no such name" / "no such record" is kept when the answer's SOA asks for longer
+/// (RFC 2308 section 5 advises capping negative caching at a few hours).
+const MAX_NEGATIVE_TTL: Duration = Duration::from_secs(3600);
+
+/// The records of one name and type as an earlier lookup found them.
+struct Answered {
+    records: Vec<RData>,
+    valid_until: std::time::Instant,
+    /// For a TXT answer asked as a domain's SPF record: that record, parsed once.
+    spf_record: OnceLock<Eval<Option<Arc<Record>>>>,
+}
+
+impl Answered {
+    /// No records, kept nowhere.
+    fn nothing() -> Self {
+        Self {
+            records: Vec::new(),
+            valid_until: std::time::Instant::now(),
+            spf_record: OnceLock::new(),
+        }
+    }
+}
+
+/// Answers the evaluator already has, each for as long as its TTL allows. hickory's cache
+/// answers the same questions, but every hit there builds a `Name`, clones the whole response
+/// and arms a timer; an SPF check asks the same few names for every message from a domain
+/// (its record, its includes, its `a` and `mx` hosts), and the record is parsed once too.
+#[derive(Clone)]
+struct AnswerCache {
+    entries: moka::sync::Cache<(String, RecordType), Arc<Answered>>,
+}
+
+/// Entries leave the cache when their TTL runs out.
+struct UntilValid;
+
+impl moka::Expiry<(String, RecordType), Arc<Answered>> for UntilValid {
+    fn expire_after_create(
+        &self,
+        _key: &(String, RecordType),
+        value: &Arc<Answered>,
+        created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.valid_until.saturating_duration_since(created_at))
+    }
+}
+
+impl AnswerCache {
+    fn new(capacity: u64) -> Self {
+        Self {
+            entries: moka::sync::Cache::builder()
+                .max_capacity(capacity.max(1))
+                .expire_after(UntilValid)
+                .build(),
+        }
+    }
+
+    fn key(name: &str, rtype: RecordType) -> (String, RecordType) {
+        (name.trim_end_matches('.').to_ascii_lowercase(), rtype)
+    }
+
+    fn get(&self, key: &(String, RecordType)) -> Option<Arc<Answered>> {
+        self.entries
+            .get(key)
+            .filter(|answer| answer.valid_until > std::time::Instant::now())
+    }
+
+    fn insert(
+        &self,
+        key: (String, RecordType),
+        records: Vec<RData>,
+        valid_until: std::time::Instant,
+    ) -> Arc<Answered> {
+        let answer = Arc::new(Answered {
+            records,
+            valid_until,
+            spf_record: OnceLock::new(),
+        });
+        if valid_until > std::time::Instant::now() {
+            self.entries.insert(key, answer.clone());
+        }
+        answer
+    }
+}
+
 /// The DNS the evaluator asks.
 #[derive(Clone)]
 pub struct Evaluator {
     resolver: TokioResolver,
+    answers: AnswerCache,
     void_limit: u32,
     receiver: String,
 }
@@ -378,13 +465,18 @@ impl Evaluator {
             .map_err(|err| ConfigError::invalid("dns", err.to_string()))?;
         Ok(Self {
             resolver,
+            answers: AnswerCache::new(dns.cache_size),
             void_limit,
             receiver: receiver.to_owned(),
         })
     }
 
     /// Records of one type; an empty list for NXDOMAIN or no data.
-    async fn lookup(&self, run: &Run<'_>, name: &str, rtype: RecordType) -> Eval<Vec<RData>> {
+    async fn lookup(&self, run: &Run<'_>, name: &str, rtype: RecordType) -> Eval<Arc<Answered>> {
+        let key = AnswerCache::key(name, rtype);
+        if let Some(answer) = self.answers.get(&key) {
+            return Ok(answer);
+        }
         // Labels are taken as raw bytes: RFC 7208 section 7.1 lets a domain-spec hold any
         // visible character ("foo:bar/baz.example.com"); a name DNS cannot carry at all (a
         // label over 63 bytes) exists nowhere.
@@ -394,7 +486,7 @@ impl Evaluator {
             .map(str::as_bytes)
             .collect();
         let Ok(mut fqdn) = Name::from_labels(labels) else {
-            return Ok(Vec::new());
+            return Ok(Arc::new(Answered::nothing()));
         };
         fqdn.set_fqdn(true);
         let remaining = run.deadline.saturating_duration_since(Instant::now());
@@ -407,13 +499,28 @@ impl Evaluator {
             Err(_) => Err(Stop::Temp(
                 "DNS Error: exceeded max query lookup time".into(),
             )),
-            Ok(Ok(lookup)) => Ok(lookup
-                .answers()
-                .iter()
-                .filter(|r| r.record_type() == rtype)
-                .map(|r| r.data.clone())
-                .collect()),
-            Ok(Err(err)) if err.is_nx_domain() || err.is_no_records_found() => Ok(Vec::new()),
+            Ok(Ok(lookup)) => {
+                let records = lookup
+                    .answers()
+                    .iter()
+                    .filter(|r| r.record_type() == rtype)
+                    .map(|r| r.data.clone())
+                    .collect();
+                Ok(self.answers.insert(key, records, lookup.valid_until()))
+            }
+            Ok(Err(err)) if err.is_nx_domain() || err.is_no_records_found() => {
+                // Kept only as long as the zone's SOA allows; without one, not kept here.
+                let negative_ttl = match &err {
+                    NetError::Dns(DnsError::NoRecordsFound(NoRecords {
+                        negative_ttl: Some(ttl),
+                        ..
+                    })) => Duration::from_secs(u64::from(*ttl)).min(MAX_NEGATIVE_TTL),
+                    _ => Duration::ZERO,
+                };
+                Ok(self
+                    .answers
+                    .insert(key, Vec::new(), std::time::Instant::now() + negative_ttl))
+            }
             Ok(Err(err)) => {
                 let text = err.to_string();
                 Err(Stop::Temp(if text.starts_with("DNS") {
@@ -426,9 +533,14 @@ impl Evaluator {
     }
 
     /// A lookup that counts towards the void limit when it finds nothing.
-    async fn counted(&self, run: &mut Run<'_>, name: &str, rtype: RecordType) -> Eval<Vec<RData>> {
+    async fn counted(
+        &self,
+        run: &mut Run<'_>,
+        name: &str,
+        rtype: RecordType,
+    ) -> Eval<Arc<Answered>> {
         let records = self.lookup(run, name, rtype).await?;
-        if records.is_empty() {
+        if records.records.is_empty() {
             run.voids += 1;
             if run.voids > self.void_limit {
                 return perm(format!("Void lookup limit of {} exceeded", self.void_limit));
@@ -454,7 +566,8 @@ impl Evaluator {
             self.lookup(run, name, rtype).await?
         };
         Ok(records
-            .into_iter()
+            .records
+            .iter()
             .filter_map(|r| match r {
                 RData::A(a) => Some(IpAddr::V4(a.0)),
                 RData::AAAA(a) => Some(IpAddr::V6(a.0)),
@@ -472,8 +585,16 @@ impl Evaluator {
     }
 
     /// The SPF record of `domain`: `Ok(None)` when it has none.
-    async fn record(&self, run: &Run<'_>, domain: &str) -> Eval<Option<Record>> {
-        let records = self.lookup(run, domain, RecordType::TXT).await?;
+    async fn record(&self, run: &Run<'_>, domain: &str) -> Eval<Option<Arc<Record>>> {
+        let answer = self.lookup(run, domain, RecordType::TXT).await?;
+        answer
+            .spf_record
+            .get_or_init(|| Self::spf_record(&answer.records))
+            .clone()
+    }
+
+    /// The one SPF record among a name's TXT records, parsed.
+    fn spf_record(records: &[RData]) -> Eval<Option<Arc<Record>>> {
         let mut spf = records.iter().filter_map(|r| match r {
             RData::TXT(txt) => {
                 let bytes: Vec<u8> = txt
@@ -492,7 +613,7 @@ impl Evaluator {
         if spf.next().is_some() {
             return perm("Two or more type TXT spf records found.");
         }
-        parse_record(&first).map(Some)
+        parse_record(&first).map(|record| Some(Arc::new(record)))
     }
 
     /// `<domain>` as the validated PTR name of the client, for `%{p}`.
@@ -505,8 +626,9 @@ impl Evaluator {
             .lookup(run, &reverse_name(run.ip), RecordType::PTR)
             .await
         {
-            Ok(records) => records
-                .into_iter()
+            Ok(answer) => answer
+                .records
+                .iter()
                 .filter_map(|r| match r {
                     RData::PTR(p) => Some(raw_name(&p.0).to_ascii_lowercase()),
                     _ => None,
@@ -705,7 +827,8 @@ impl Evaluator {
                         let exchanges: Vec<String> = self
                             .counted(run, &name, RecordType::MX)
                             .await?
-                            .into_iter()
+                            .records
+                            .iter()
                             .filter_map(|r| match r {
                                 RData::MX(mx) => Some(raw_name(&mx.exchange)),
                                 _ => None,
@@ -743,7 +866,11 @@ impl Evaluator {
                         Self::count_term(run)?;
                         let name = self.target(run, spec, &domain).await?;
                         // exists always asks for A records, whatever the client's family.
-                        !self.counted(run, &name, RecordType::A).await?.is_empty()
+                        !self
+                            .counted(run, &name, RecordType::A)
+                            .await?
+                            .records
+                            .is_empty()
                     }
                 };
                 if matched {
@@ -773,7 +900,7 @@ impl Evaluator {
     async fn explain(&self, run: &mut Run<'_>, spec: &str, domain: &str) -> Option<String> {
         let name = self.target(run, spec, domain).await.ok()?;
         let records = self.lookup(run, &name, RecordType::TXT).await.ok()?;
-        let [RData::TXT(txt)] = &records[..] else {
+        let [RData::TXT(txt)] = &records.records[..] else {
             return None;
         };
         let bytes: Vec<u8> = txt
@@ -931,7 +1058,7 @@ impl Lookups for ResolverLookups {
             .lookup(&run, &reverse_name(ip), RecordType::PTR)
             .await
             .ok()?;
-        records.into_iter().find_map(|r| match r {
+        records.records.iter().find_map(|r| match r {
             RData::PTR(p) => Some(raw_name(&p.0)),
             _ => None,
         })
@@ -943,6 +1070,7 @@ impl Lookups for ResolverLookups {
             return false;
         };
         let spf: Vec<String> = records
+            .records
             .iter()
             .filter_map(|r| match r {
                 RData::TXT(txt) => {
