@@ -59,6 +59,9 @@ impl Daemon for Policyd {
         if old.max_connections != new.max_connections {
             keys.push("max_connections");
         }
+        if old.worker_threads != new.worker_threads {
+            keys.push("worker_threads");
+        }
         keys
     }
 }

@@ -191,6 +191,23 @@ fn rcpt<'a>(
 const DEFER: &str = "action=DEFER_IF_PERMIT 4.2.0 Greylisted, see http://postgrey.schweikert.ch/help/dest.example.html\n\n";
 const DUNNO: &str = "action=DUNNO\n\n";
 
+/// The runtime's worker threads, by their names in /proc.
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count()
+}
+
+#[test]
+fn one_worker_thread_by_default_and_as_configured() {
+    let policyd = Policyd::start("");
+    assert_eq!(worker_threads(policyd.child.id()), 1);
+    let policyd = Policyd::start_full(tempfile::tempdir().unwrap(), "worker_threads = 3\n", "");
+    assert_eq!(worker_threads(policyd.child.id()), 3);
+}
+
 fn at(t: u64) -> String {
     t.to_string()
 }
