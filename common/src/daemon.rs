@@ -50,6 +50,11 @@ pub type Loaded<D> = (Arc<<D as Daemon>::Config>, D, Option<PathBuf>);
 /// Loads and builds from `path` (or the default file / built-in defaults when `None`).
 pub fn load_and_build<D: Daemon>(path: Option<&Path>) -> Result<Loaded<D>, ConfigError> {
     let (config, used) = config::load_path::<D::Config>(path)?;
+    build::<D>(config, used)
+}
+
+/// Builds the daemon's state from a loaded config (`used`: the file it came from, for errors).
+fn build<D: Daemon>(config: D::Config, used: Option<PathBuf>) -> Result<Loaded<D>, ConfigError> {
     let config = Arc::new(config);
     ensure_state_dir(config.state_dir()).map_err(|e| e.in_file(used.as_deref()))?;
     let daemon = D::build(config.clone()).map_err(|e| e.in_file(used.as_deref()))?;
@@ -110,11 +115,12 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let program = format!("postern-{}", D::Config::DAEMON);
-    // The runtime comes first: building the state may set up pools that need its context.
-    // Its size is the one setting read before that (a broken file is reported just below).
-    let threads = config::load_path::<D::Config>(args.config.as_deref())
-        .map(|(config, _)| config.worker_threads())
-        .unwrap_or(0);
+    // The file is read once; the runtime, sized by it, comes before the state is built, since
+    // building may set up pools that need the runtime's context.
+    let parsed = config::load_path::<D::Config>(args.config.as_deref());
+    let threads = parsed
+        .as_ref()
+        .map_or(0, |(config, _)| config.worker_threads());
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if threads > 0 {
         builder.worker_threads(threads);
@@ -126,10 +132,10 @@ where
             return ExitCode::from(EX_RUNTIME);
         }
     };
-    let loaded = {
+    let loaded = parsed.and_then(|(config, used)| {
         let _context = runtime.enter();
-        load_and_build::<D>(args.config.as_deref())
-    };
+        build::<D>(config, used)
+    });
     let (config, daemon, used) = match loaded {
         Ok(loaded) => loaded,
         Err(err) => {

@@ -300,6 +300,11 @@ fn same_socket(a: std::os::fd::BorrowedFd<'_>, b: std::os::fd::BorrowedFd<'_>) -
 
 /// Log lines to the local syslog socket (/dev/log), facility mail, one datagram per event, in
 /// the form glibc's syslog(3) sends without its timestamp (the receiver adds one).
+///
+/// Not syslog-tracing (libc's syslog(3) behind tracing's MakeWriter): syslog(3) sends on a
+/// blocking socket, so a full /dev/log (journald rate-limiting, a stalled rsyslog) would stop
+/// the worker that has Postfix waiting; here the socket is non-blocking and a line that does
+/// not fit is dropped.
 mod syslog {
     use std::io::Write;
     use std::os::unix::net::UnixDatagram;

@@ -238,16 +238,20 @@ async fn group_commit_worker(
             }
             None => plan.read(&mut conn).await,
         };
-        let decided = read.and_then(|rows| Ok(decide(&mut lock(&cache), &batch, plan, rows)?));
+        let decision = read.and_then(|rows| Ok(decide(&mut lock(&cache), &batch, plan, rows)?));
         drop(batch);
-        match decided {
-            Ok(mut decided) if decided.write.is_empty() => {
-                decided.jobs = steps;
-                finish(&mut lock(&cache), Some(decided), Vec::new(), Ok(()));
-            }
-            Ok(mut decided) => {
-                decided.jobs = steps;
-                pending = Some(decided);
+        match decision {
+            Ok(Decision { outcomes, write }) => {
+                let decided = Decided {
+                    jobs: steps,
+                    outcomes,
+                    write,
+                };
+                if decided.write.is_empty() {
+                    finish(&mut lock(&cache), Some(decided), Vec::new(), Ok(()));
+                } else {
+                    pending = Some(decided);
+                }
             }
             Err(err) => finish(&mut lock(&cache), None, steps, Err(err)),
         }
@@ -493,15 +497,16 @@ struct ReadPlan {
 impl ReadPlan {
     fn new(cache: &RowCache, steps: &[&GreylistStep]) -> Self {
         let mut plan = Self::default();
+        let mut planned: HashSet<(bool, &str)> = HashSet::new();
         for step in steps {
             let key = &step.triplet_key;
-            if cache.triplets.get(key).is_none() && !plan.triplets.contains(key) {
+            if cache.triplets.get(key).is_none() && planned.insert((false, key)) {
                 plan.triplets.push(key.clone());
             }
             let key = &step.awl_key;
             if step.awl_threshold > 0
                 && cache.clients.get(key).is_none()
-                && !plan.clients.contains(key)
+                && planned.insert((true, key))
             {
                 plan.clients.push(key.clone());
             }
@@ -547,8 +552,15 @@ impl WriteRows {
     }
 }
 
+/// What postgrey's rules make of a batch: each step's outcome, and the rows that changed.
+#[derive(Debug)]
+struct Decision {
+    outcomes: Vec<StepOutcome>,
+    write: WriteRows,
+}
+
 /// A batch decided in memory, waiting for its write to commit before it is answered.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Decided {
     jobs: Vec<StepJob>,
     outcomes: Vec<StepOutcome>,
@@ -604,7 +616,7 @@ fn decide(
     steps: &[&GreylistStep],
     plan: ReadPlan,
     rows: Vec<SqliteRow>,
-) -> Result<Decided, sqlx::Error> {
+) -> Result<Decision, sqlx::Error> {
     let mut triplets: HashMap<String, Option<(TripletTimes, bool)>> = HashMap::new();
     let mut clients: HashMap<String, Option<ClientCount>> = HashMap::new();
     for key in plan.triplets {
@@ -707,11 +719,7 @@ fn decide(
     for (key, row) in clients {
         cache.clients.insert(&key, row);
     }
-    Ok(Decided {
-        jobs: Vec::new(),
-        outcomes,
-        write,
-    })
+    Ok(Decision { outcomes, write })
 }
 
 impl Store for SqliteStore {
