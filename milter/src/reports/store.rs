@@ -5,10 +5,13 @@
 //! returns only once its own record is durable.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::{AnyPool, AssertSqlSafe, Executor, Row};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, oneshot};
@@ -22,6 +25,8 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     url: String,
+    /// While a clone lives, SQLite's WAL is checkpointed in the background.
+    alive: Arc<()>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +53,14 @@ fn redact(url: &str) -> String {
 impl Store {
     /// Connects and brings the schema up to date.
     pub async fn connect(url: &str) -> Result<Self, ReportError> {
+        Self::connect_checkpointing_every(url, postern_common::sqlite::CHECKPOINT_INTERVAL).await
+    }
+
+    /// As [`Store::connect`]; SQLite's WAL is checkpointed every `checkpoint_interval`.
+    pub(super) async fn connect_checkpointing_every(
+        url: &str,
+        checkpoint_interval: Duration,
+    ) -> Result<Self, ReportError> {
         static DRIVERS: std::sync::Once = std::sync::Once::new();
         DRIVERS.call_once(sqlx::any::install_default_drivers);
         let redacted = redact(url);
@@ -74,6 +87,8 @@ impl Store {
                     Box::pin(async move {
                         conn.execute("PRAGMA busy_timeout = 5000").await?;
                         conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        // Checkpoints run in the background (below), never in a record's commit.
+                        conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
                         Ok(())
                     })
                 });
@@ -85,8 +100,25 @@ impl Store {
             pool,
             backend,
             url: redacted.clone(),
+            alive: Arc::new(()),
         };
         store.migrate().await?;
+        if backend == Backend::Sqlite {
+            let checkpoints = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_lazy_with(
+                    SqliteConnectOptions::from_str(url)
+                        .map_err(error)?
+                        .busy_timeout(Duration::from_secs(5)),
+                );
+            let alive = Arc::downgrade(&store.alive);
+            tokio::spawn(postern_common::sqlite::checkpoint_in_background(
+                checkpoints,
+                move || alive.strong_count() > 0,
+                checkpoint_interval,
+                "DMARC reports",
+            ));
+        }
         Ok(store)
     }
 

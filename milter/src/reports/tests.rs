@@ -593,6 +593,51 @@ async fn recording_rate_on_sqlite() {
     assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
 }
 
+/// Recording never checkpoints SQLite's WAL (a checkpoint copies the log into the database
+/// file and syncs it, milliseconds inside one message's commit); the background task does.
+#[tokio::test]
+async fn the_report_store_wal_is_checkpointed_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = fixture_records(NOW).await.remove(0);
+    let size = |path: &Path| std::fs::metadata(path).unwrap().len();
+    // Well past SQLite's automatic checkpoint at 1000 pages of log.
+    let write = |store: Store| {
+        let record = record.clone();
+        async move {
+            for round in 0..40 {
+                let batch: Vec<(String, ReportRecord)> = (0..250)
+                    .map(|i| (format!("r{round}.{i}"), record.clone()))
+                    .collect();
+                store.insert_batch(&batch).await.unwrap();
+            }
+        }
+    };
+    let path = dir.path().join("quiet.sqlite");
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let store = Store::connect_checkpointing_every(&url, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let empty = size(&path);
+    write(store.clone()).await;
+    assert!(
+        size(&path.with_extension("sqlite-wal")) > 4_096_000,
+        "the log holds more than 1000 pages"
+    );
+    assert_eq!(size(&path), empty, "a record's commit checkpointed");
+    drop(store);
+
+    let path = dir.path().join("reports.sqlite");
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let store = Store::connect(&url).await.unwrap();
+    let empty = size(&path);
+    write(store.clone()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while size(&path) < empty + 1_000_000 {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint in 5 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Concurrent callers share writes (group commit), and each returns only once its own record is
 /// stored: every record lands exactly once, in the store or, while it is down, in the spool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,7 +68,7 @@ impl SqliteStore {
     /// Opens (creating if needed) the database file, mode 0600 via the state directory's
     /// permissions, in WAL mode with the schema in place.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_checkpointing_every(path, CHECKPOINT_INTERVAL).await
+        Self::open_checkpointing_every(path, postern_common::sqlite::CHECKPOINT_INTERVAL).await
     }
 
     async fn open_checkpointing_every(
@@ -102,10 +102,12 @@ impl SqliteStore {
             .await?;
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
         let cache = Arc::new(Mutex::new(RowCache::default()));
-        tokio::spawn(checkpoint_in_background(
+        let alive = jobs.downgrade();
+        tokio::spawn(postern_common::sqlite::checkpoint_in_background(
             pool.clone(),
-            jobs.downgrade(),
+            move || alive.upgrade().is_some(),
             checkpoint_interval,
+            "greylist",
         ));
         tokio::spawn(group_commit_worker(writer, queue, cache.clone()));
         Ok(Self { pool, jobs, cache })
@@ -114,30 +116,6 @@ impl SqliteStore {
     /// Closes the pool (checkpointing the WAL).
     pub async fn close(&self) {
         self.pool.close().await;
-    }
-}
-
-/// How often the WAL is checkpointed.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Checkpoints the WAL every `interval` without waiting for (or blocking) the writer, while
-/// the store lives.
-async fn checkpoint_in_background(
-    pool: SqlitePool,
-    alive: mpsc::WeakSender<Job>,
-    interval: Duration,
-) {
-    loop {
-        tokio::time::sleep(interval).await;
-        if alive.upgrade().is_none() {
-            return;
-        }
-        if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&pool)
-            .await
-        {
-            warn!(error = %err, "greylist WAL checkpoint failed; retrying");
-        }
     }
 }
 
