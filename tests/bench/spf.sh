@@ -87,6 +87,11 @@ for c in 1 8; do
     "$B/policy" 127.0.0.1:$OSPF -c $c -d 1 --mix spf >/dev/null
     row "postern-policyd spf c=$c" "$("$B/policy" 127.0.0.1:$OSPF -c $c -d $SECS --mix spf --pid $OSPF_PID), load $(cut -d' ' -f1-3 /proc/loadavg)"
 done
+# The round trip alone, at one connection: a client in skip_addresses (loopback, both servers'
+# default) is answered without any SPF work. What a server can reach at c=1 is bounded by this
+# floor (the loopback round trip and the generator's own share of the two cores).
+row "policyd-spf     skipped client c=1" "$("$B/policy" 127.0.0.1:$PSPF -c 1 -d $SECS --mix spf --client 127.0.0.1)"
+row "postern-policyd skipped client c=1" "$("$B/policy" 127.0.0.1:$OSPF -c 1 -d $SECS --mix spf --client 127.0.0.1 --pid $OSPF_PID)"
 row "postern-policyd spf decisions" "$(grep -c 'check="spf"' "$W/policyd-spf-only.log" || true) logged; outcomes: $(grep -o 'reason=spf [a-z_]*' "$W/policyd-spf-only.log" | sed 's/reason=spf //' | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
 
 kill "$SOCAT_PID" "$OSPF_PID" "$SPF_DNS_PID" 2>/dev/null || true
