@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use postern_common::sqlite::{Checkpoints, JOURNAL_SIZE_LIMIT};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::{AnyPool, AssertSqlSafe, Executor, Row};
@@ -53,13 +54,13 @@ fn redact(url: &str) -> String {
 impl Store {
     /// Connects and brings the schema up to date.
     pub async fn connect(url: &str) -> Result<Self, ReportError> {
-        Self::connect_checkpointing_every(url, postern_common::sqlite::CHECKPOINT_INTERVAL).await
+        Self::connect_checkpointing(url, Checkpoints::default()).await
     }
 
-    /// As [`Store::connect`]; SQLite's WAL is checkpointed every `checkpoint_interval`.
-    pub(super) async fn connect_checkpointing_every(
+    /// As [`Store::connect`], with SQLite's WAL checkpointed as `checkpoints` says.
+    pub(super) async fn connect_checkpointing(
         url: &str,
-        checkpoint_interval: Duration,
+        checkpoints: Checkpoints,
     ) -> Result<Self, ReportError> {
         static DRIVERS: std::sync::Once = std::sync::Once::new();
         DRIVERS.call_once(sqlx::any::install_default_drivers);
@@ -89,6 +90,10 @@ impl Store {
                         conn.execute("PRAGMA synchronous = NORMAL").await?;
                         // Checkpoints run in the background (below), never in a record's commit.
                         conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
+                        conn.execute(AssertSqlSafe(format!(
+                            "PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}"
+                        )))
+                        .await?;
                         Ok(())
                     })
                 });
@@ -104,7 +109,7 @@ impl Store {
         };
         store.migrate().await?;
         if backend == Backend::Sqlite {
-            let checkpoints = SqlitePoolOptions::new()
+            let checkpoint_pool = SqlitePoolOptions::new()
                 .max_connections(1)
                 .connect_lazy_with(
                     SqliteConnectOptions::from_str(url)
@@ -113,9 +118,9 @@ impl Store {
                 );
             let alive = Arc::downgrade(&store.alive);
             tokio::spawn(postern_common::sqlite::checkpoint_in_background(
-                checkpoints,
+                checkpoint_pool,
                 move || alive.strong_count() > 0,
-                checkpoint_interval,
+                checkpoints,
                 "DMARC reports",
             ));
         }

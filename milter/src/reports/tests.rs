@@ -614,9 +614,15 @@ async fn the_report_store_wal_is_checkpointed_in_the_background() {
     };
     let path = dir.path().join("quiet.sqlite");
     let url = format!("sqlite://{}?mode=rwc", path.display());
-    let store = Store::connect_checkpointing_every(&url, Duration::from_secs(3600))
-        .await
-        .unwrap();
+    let store = Store::connect_checkpointing(
+        &url,
+        postern_common::sqlite::Checkpoints {
+            interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let empty = size(&path);
     write(store.clone()).await;
     assert!(

@@ -12,6 +12,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use postern_common::sqlite::{Checkpoints, JOURNAL_SIZE_LIMIT};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
@@ -68,13 +69,10 @@ impl SqliteStore {
     /// Opens (creating if needed) the database file, mode 0600 via the state directory's
     /// permissions, in WAL mode with the schema in place.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_checkpointing_every(path, postern_common::sqlite::CHECKPOINT_INTERVAL).await
+        Self::open_checkpointing(path, Checkpoints::default()).await
     }
 
-    async fn open_checkpointing_every(
-        path: &Path,
-        checkpoint_interval: Duration,
-    ) -> Result<Self, StoreError> {
+    async fn open_checkpointing(path: &Path, checkpoints: Checkpoints) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str("sqlite:")?
             .filename(path)
             .create_if_missing(true)
@@ -98,6 +96,7 @@ impl SqliteStore {
         let writer = options
             .pragma("cache_size", "-16000")
             .pragma("wal_autocheckpoint", "0")
+            .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT)
             .connect()
             .await?;
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
@@ -106,7 +105,7 @@ impl SqliteStore {
         tokio::spawn(postern_common::sqlite::checkpoint_in_background(
             pool.clone(),
             move || alive.upgrade().is_some(),
-            checkpoint_interval,
+            checkpoints,
             "greylist",
         ));
         tokio::spawn(group_commit_worker(writer, queue, cache.clone()));
@@ -1034,9 +1033,15 @@ mod tests {
             }
         };
         let path = dir.path().join("quiet.sqlite");
-        let sqlite = SqliteStore::open_checkpointing_every(&path, Duration::from_secs(3600))
-            .await
-            .unwrap();
+        let sqlite = SqliteStore::open_checkpointing(
+            &path,
+            Checkpoints {
+                interval: Duration::from_secs(3600),
+                ..Checkpoints::default()
+            },
+        )
+        .await
+        .unwrap();
         let empty = size(&path);
         write(sqlite.clone()).await;
         assert_eq!(size(&path), empty, "a request checkpointed");
@@ -1051,6 +1056,73 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         drop(sqlite);
+    }
+
+    /// Under a steady stream of new triplets (no quiet moment for passive checkpoints to catch
+    /// up), the log is restarted and stays bounded; without the restarts it grows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_stays_bounded_under_steady_writes() {
+        const WRITERS: usize = 8;
+        const STEPS_EACH: usize = 2000;
+        /// The bound: the restart threshold (1 MiB) plus what a few checkpoint intervals add
+        /// (every commit appends its pages again: about 10 MiB per 100 ms here).
+        const BOUND: u64 = 40 << 20;
+        async fn largest_wal(checkpoints: Checkpoints, name: &str) -> u64 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(name);
+            let wal = path.with_extension("sqlite-wal");
+            let sqlite = SqliteStore::open_checkpointing(&path, checkpoints)
+                .await
+                .unwrap();
+            let writers: Vec<_> = (0..WRITERS)
+                .map(|w| {
+                    let sqlite = sqlite.clone();
+                    tokio::spawn(async move {
+                        for i in 0..STEPS_EACH {
+                            let key = format!("10.{w}.0.0/s{i}@example.com/r{i}@example.net");
+                            sqlite
+                                .greylist_step(&step(&key, "c", 1000, 0))
+                                .await
+                                .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            let mut largest = 0;
+            while !writers.iter().all(|w| w.is_finished()) {
+                largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            for writer in writers {
+                writer.await.unwrap();
+            }
+            largest
+        }
+        let interval = Duration::from_millis(100);
+        let unbounded = largest_wal(
+            Checkpoints {
+                interval,
+                restart_above_pages: i64::MAX,
+            },
+            "passive-only.sqlite",
+        )
+        .await;
+        assert!(
+            unbounded > 2 * BOUND,
+            "the load is too light to show anything: {unbounded} bytes of log without restarts"
+        );
+        let bounded = largest_wal(
+            Checkpoints {
+                interval,
+                restart_above_pages: 256,
+            },
+            "restarted.sqlite",
+        )
+        .await;
+        assert!(
+            bounded < BOUND,
+            "the log reached {bounded} bytes (without restarts: {unbounded})"
+        );
     }
 
     /// Expiry steps interleave with a steady stream of requests, including batches that
