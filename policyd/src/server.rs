@@ -270,9 +270,7 @@ pub fn init_stdio_logging(config: Option<&std::path::Path>) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(syslog::Syslog::connect("postern-policyd"))
-        .with_ansi(false)
-        .with_target(false)
-        .without_time()
+        .event_format(postern_common::logging::LineFormat { timestamps: false })
         .try_init();
     // The default hook prints to stderr, the socket.
     std::panic::set_hook(Box::new(|panic| tracing::error!("{panic}")));

@@ -11,6 +11,10 @@ use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use crate::config::LogConfig;
 
+mod format;
+
+pub use format::LineFormat;
+
 /// The environment variable that overrides `[log] level`.
 pub const LOG_ENV: &str = "POSTERN_LOG";
 
@@ -207,17 +211,14 @@ fn install(config: &LogConfig, writer: BoxMakeWriter) {
         .or_else(|| filter_for(config).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
+    // try_init fails only when a subscriber is already installed, which is fine.
+    let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_ansi(false)
-        .with_target(false);
-    // try_init fails only when a subscriber is already installed, which is fine.
-    let _ = if under_journald {
-        builder.without_time().try_init()
-    } else {
-        builder.try_init()
-    };
+        .event_format(LineFormat {
+            timestamps: !under_journald,
+        })
+        .try_init();
 }
 
 #[cfg(test)]
