@@ -17,6 +17,9 @@ pub enum StoreError {
     /// SQLite failed.
     #[error("sqlite: {0}")]
     Sqlite(#[from] sqlx::Error),
+    /// SQLite failed on the greylist store's writing connection.
+    #[error("sqlite: {0}")]
+    Writer(#[from] rusqlite::Error),
     /// Redis failed.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
