@@ -189,8 +189,8 @@ impl Listener {
         std::future::poll_fn(|cx| self.poll_accept(cx)).await
     }
 
-    /// Polls for one connection (for accept loops that are not ours, such as indymilter's).
-    pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(Stream, PeerAddr)>> {
+    /// Polls for one connection, with TCP_NODELAY set on it.
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(Stream, PeerAddr)>> {
         match self {
             Self::Tcp(listener) => listener.poll_accept(cx).map_ok(|(stream, addr)| {
                 // Best effort: a socket that cannot take the option still works, only slower.

@@ -2,7 +2,9 @@
 //! DMARC with aggregate reports (replacing opendmarc).
 
 pub mod config;
+pub mod connection;
 pub mod dkim;
 pub mod dmarc;
+pub mod proto;
 pub mod reports;
 pub mod server;

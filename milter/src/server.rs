@@ -1,34 +1,25 @@
-//! The milter server: indymilter's protocol engine on our listener (with TCP_NODELAY, without
-//! which every exchange with Postfix stalls ~40 ms on delayed ACKs), callbacks that keep
-//! per-message state, and the DKIM sign-or-verify decision: taken at end of headers, so that a
-//! message we sign is held only up to [`STREAM_FROM_BYTES`] and beyond that hashed as its body
-//! arrives, while one we verify is held once (mail-auth verifies whole messages), each up to
-//! `dkim.max_message_size`.
-//!
-//! Replies: we never act before end of message, so we ask the MTA not to wait for a reply to
-//! connect, HELO, MAIL, RCPT, each header, end of headers and each body chunk (SMFIP_NR_*, as
-//! mature milters do); Postfix then sends a whole message in a few writes and waits once.
+//! The milter server: the accept loop (common::serve, with TCP_NODELAY, without which every
+//! exchange with Postfix stalls ~40 ms on delayed ACKs), the per-message state a connection
+//! keeps ([`Session`]), and what end of message does: the DKIM sign-or-verify decision, taken
+//! at end of headers, so that a message we sign is held only up to [`STREAM_FROM_BYTES`] and
+//! beyond that hashed as its body arrives, while one we verify is held once (mail-auth verifies
+//! whole messages), each up to `dkim.max_message_size`; then DMARC and its report record.
+//! The protocol itself is in `proto` (wire format) and `connection` (one MTA connection).
 
-use std::ffi::CString;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use indymilter::{
-    Actions, Callbacks, Config, ContextActions, EomContext, MacroStage, Macros, NegotiateContext,
-    ProtoOpts, SetErrorReply, SocketInfo, Status,
-};
 use mail_auth::{AuthenticatedMessage, MessageAuthenticator};
 use postern_common::config::ConfigError;
 use postern_common::daemon::{Daemon, DaemonContext};
-use postern_common::listen::{Listener, Stream};
-use tokio::io::AsyncWrite;
+use postern_common::listen::Listener;
+use postern_common::serve::ServeOptions;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::MilterConfig;
+use crate::connection::{Eom, Verdict};
 use crate::dkim::sign::SignStream;
 use crate::dkim::{self, Action, Dkim, SignRequest, Signer};
 use crate::dmarc::{self, DmarcAction, DmarcInput};
@@ -98,109 +89,12 @@ impl Daemon for Milter {
     }
 }
 
-/// Adapts our listener to indymilter's accept loop.
-struct MilterListener(Listener);
-
-impl indymilter::Listener for MilterListener {
-    type Io = ReplyBuffer<Stream>;
-
-    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<ReplyBuffer<Stream>>> {
-        self.0
-            .poll_accept(cx)
-            .map_ok(|(stream, _peer)| ReplyBuffer::new(stream))
-    }
-}
-
-/// Most reply bytes held back before they are written anyway.
-const REPLY_BUFFER_BYTES: usize = 64 * 1024;
-
-/// An MTA connection whose replies go out when we next read (or close), not at each flush.
-/// indymilter writes and flushes every reply on its own; at end of message that is one write
-/// per header change and one for the verdict, and Postfix reads them all before it sends
-/// anything. Holding them until we wait for the MTA again sends them in one segment, the way
-/// Postfix's VSTREAM buffers its side of the conversation. Nothing is held while we wait for
-/// the MTA, so no exchange can stall on it.
-struct ReplyBuffer<S> {
-    inner: S,
-    pending: Vec<u8>,
-    written: usize,
-}
-
-impl<S: tokio::io::AsyncRead + AsyncWrite + Unpin> ReplyBuffer<S> {
-    fn new(inner: S) -> Self {
-        Self {
-            inner,
-            pending: Vec::new(),
-            written: 0,
-        }
-    }
-
-    /// Writes out what is held.
-    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.written < self.pending.len() {
-            let n = std::task::ready!(
-                std::pin::Pin::new(&mut self.inner).poll_write(cx, &self.pending[self.written..])
-            )?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.written += n;
-        }
-        self.pending.clear();
-        self.written = 0;
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-}
-
-impl<S: tokio::io::AsyncRead + AsyncWrite + Unpin> tokio::io::AsyncRead for ReplyBuffer<S> {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        std::task::ready!(this.poll_drain(cx))?;
-        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncRead + AsyncWrite + Unpin> AsyncWrite for ReplyBuffer<S> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.pending.len() >= REPLY_BUFFER_BYTES {
-            std::task::ready!(this.poll_drain(cx))?;
-        }
-        this.pending.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.pending.len() >= REPLY_BUFFER_BYTES {
-            return this.poll_drain(cx);
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        std::task::ready!(this.poll_drain(cx))?;
-        std::pin::Pin::new(&mut this.inner).poll_shutdown(cx)
-    }
-}
-
 /// What the milter knows about the current SMTP session and message.
 #[derive(Debug, Default)]
 pub struct Session {
     /// Header values arrive with their leading space (negotiated LEADING_SPACE), and values we
     /// add must carry one.
     pub leading_space: bool,
-    /// The stages the MTA agreed not to wait for our reply to (SMFIP_NR_*).
-    pub noreply: ProtoOpts,
     /// The configuration this message is handled with (taken at MAIL, so a reload in the
     /// middle of a message does not mix two).
     pub milter: Option<Arc<Milter>>,
@@ -248,29 +142,9 @@ pub struct Signing {
 /// Messages to be signed are buffered up to this size, then hashed as they arrive.
 pub const STREAM_FROM_BYTES: usize = 256 * 1024;
 
-/// What a callback answers: nothing when the MTA agreed not to wait (`stage` is one of the
-/// NOREPLY_* options), else continue.
-fn proceed(session: Option<&Session>, stage: ProtoOpts) -> Status {
-    if session.is_some_and(|s| s.noreply.contains(stage)) {
-        Status::Noreply
-    } else {
-        Status::Continue
-    }
-}
-
-/// The stages we never act on, so the MTA need not wait for our reply to them.
-fn noreply_stages() -> ProtoOpts {
-    ProtoOpts::NOREPLY_CONNECT
-        | ProtoOpts::NOREPLY_HELO
-        | ProtoOpts::NOREPLY_MAIL
-        | ProtoOpts::NOREPLY_RCPT
-        | ProtoOpts::NOREPLY_HEADER
-        | ProtoOpts::NOREPLY_EOH
-        | ProtoOpts::NOREPLY_BODY
-}
-
 impl Session {
-    fn reset_message(&mut self) {
+    /// Forgets the message (after end of message, or an abort).
+    pub(crate) fn reset_message(&mut self) {
         self.signing = None;
         self.mail_from.clear();
         self.rcpt_to.clear();
@@ -279,6 +153,27 @@ impl Session {
         self.message = Vec::new();
         self.body_bytes = 0;
         self.oversize = false;
+    }
+
+    /// MAIL: a new message, handled with the configuration live now (a reload in the middle
+    /// of a message does not mix two).
+    pub(crate) fn start_message(&mut self, milter: Arc<Milter>, sender: Option<&str>) {
+        self.reset_message();
+        self.max_message_size = milter.dkim.config.max_message_size;
+        self.milter = Some(milter);
+        self.mail_from = sender.map(strip_brackets).unwrap_or_default();
+    }
+
+    /// RCPT.
+    pub(crate) fn add_recipient(&mut self, recipient: Option<&str>) {
+        self.rcpt_to
+            .push(recipient.map(strip_brackets).unwrap_or_default());
+    }
+
+    /// End of headers: the blank line, and whether the body goes to a signer.
+    pub(crate) fn end_of_headers(&mut self, authenticated: bool, daemon_name: Option<&str>) {
+        self.buffer(b"\r\n");
+        self.start_signing(authenticated, daemon_name);
     }
 
     /// Appends bytes to the buffered message unless it outgrew the limit.
@@ -339,7 +234,7 @@ impl Session {
     }
 
     /// A body chunk: buffered (for verification, or signing a small message), or hashed.
-    async fn body(&mut self, chunk: Bytes) {
+    pub(crate) async fn body(&mut self, chunk: Bytes) {
         self.body_bytes += chunk.len();
         let Some(signing) = self.signing.as_mut() else {
             self.buffer(&chunk);
@@ -370,7 +265,8 @@ impl Session {
         }
     }
 
-    fn add_header(&mut self, name: String, value: String) {
+    /// A header, as the MTA sent it.
+    pub(crate) fn add_header(&mut self, name: String, value: String) {
         let mut line = Vec::with_capacity(name.len() + value.len() + 4);
         line.extend_from_slice(name.as_bytes());
         line.push(b':');
@@ -395,10 +291,6 @@ impl Session {
     }
 }
 
-fn lossy(value: &CString) -> String {
-    value.to_string_lossy().into_owned()
-}
-
 fn strip_brackets(arg: &str) -> String {
     arg.trim()
         .trim_start_matches('<')
@@ -409,160 +301,6 @@ fn strip_brackets(arg: &str) -> String {
 /// Most headers kept per message; more are counted but not stored (a message with thousands of
 /// headers is an attack, not mail).
 const MAX_HEADERS: usize = 1000;
-
-fn callbacks(
-    live: watch::Receiver<Arc<Milter>>,
-    recorder: Option<Arc<Recorder>>,
-) -> Callbacks<Session> {
-    let live_mail = live.clone();
-    Callbacks::new()
-        .on_negotiate(|cx, actions, opts| Box::pin(on_negotiate(cx, actions, opts)))
-        .on_connect(|cx, hostname, socket| {
-            Box::pin(async move {
-                let session = cx.data.get_or_insert_with(Session::default);
-                session.client_name = lossy(&hostname);
-                session.client = match socket {
-                    SocketInfo::Inet(addr) => Some(addr),
-                    _ => None,
-                };
-                proceed(cx.data.as_ref(), ProtoOpts::NOREPLY_CONNECT)
-            })
-        })
-        .on_helo(|cx, helo| {
-            Box::pin(async move {
-                if let Some(session) = cx.data.as_mut() {
-                    session.helo = lossy(&helo);
-                }
-                proceed(cx.data.as_ref(), ProtoOpts::NOREPLY_HELO)
-            })
-        })
-        .on_mail(move |cx, args| {
-            let milter = live_mail.borrow().clone();
-            Box::pin(async move {
-                let session = cx.data.get_or_insert_with(Session::default);
-                session.reset_message();
-                session.max_message_size = milter.dkim.config.max_message_size;
-                session.milter = Some(milter);
-                session.mail_from = args
-                    .first()
-                    .map(|a| strip_brackets(&lossy(a)))
-                    .unwrap_or_default();
-                proceed(cx.data.as_ref(), ProtoOpts::NOREPLY_MAIL)
-            })
-        })
-        .on_rcpt(|cx, args| {
-            Box::pin(async move {
-                if let Some(session) = cx.data.as_mut() {
-                    session.rcpt_to.push(
-                        args.first()
-                            .map(|a| strip_brackets(&lossy(a)))
-                            .unwrap_or_default(),
-                    );
-                }
-                proceed(cx.data.as_ref(), ProtoOpts::NOREPLY_RCPT)
-            })
-        })
-        .on_header(|cx, name, value| {
-            Box::pin(async move {
-                if let Some(session) = cx.data.as_mut() {
-                    session.add_header(lossy(&name), lossy(&value));
-                }
-                proceed(cx.data.as_ref(), ProtoOpts::NOREPLY_HEADER)
-            })
-        })
-        .on_eoh(|cx| {
-            Box::pin(async move {
-                let authenticated = macro_value(&cx.macros, c"{auth_type}").is_some()
-                    || macro_value(&cx.macros, c"{auth_authen}").is_some();
-                let daemon_name = macro_value(&cx.macros, c"{daemon_name}");
-                if let Some(session) = cx.data.as_mut() {
-                    session.buffer(b"\r\n");
-                    session.start_signing(authenticated, daemon_name.as_deref());
-                }
-                proceed(cx.data.as_ref(), ProtoOpts::NOREPLY_EOH)
-            })
-        })
-        .on_body(|cx, chunk| {
-            Box::pin(async move {
-                if let Some(session) = cx.data.as_mut() {
-                    session.body(chunk).await;
-                }
-                proceed(cx.data.as_ref(), ProtoOpts::NOREPLY_BODY)
-            })
-        })
-        .on_eom(move |cx| {
-            let milter = live.borrow().clone();
-            Box::pin(on_eom(cx, milter, recorder.clone()))
-        })
-        .on_abort(|cx| {
-            Box::pin(async move {
-                if let Some(session) = cx.data.as_mut() {
-                    session.reset_message();
-                    session.milter = None;
-                }
-                Status::Continue
-            })
-        })
-        .on_close(|cx| {
-            Box::pin(async move {
-                // What was negotiated holds for the connection: after SMFIC_QUIT_NC the MTA
-                // starts the next SMTP session on it without negotiating again.
-                cx.data = cx.data.take().map(|old| Session {
-                    leading_space: old.leading_space,
-                    noreply: old.noreply,
-                    ..Session::default()
-                });
-                Status::Continue
-            })
-        })
-}
-
-async fn on_negotiate(
-    cx: &mut NegotiateContext<Session>,
-    offered: Actions,
-    offered_opts: ProtoOpts,
-) -> Status {
-    // Header values byte for byte (simple header canonicalization needs the exact spacing).
-    let leading_space = offered_opts.contains(ProtoOpts::LEADING_SPACE);
-    if leading_space {
-        cx.requested_opts |= ProtoOpts::LEADING_SPACE;
-    }
-    // Only what the MTA offers (Postfix offers them all with milter_protocol 6).
-    let noreply = offered_opts & noreply_stages();
-    cx.requested_opts |= noreply;
-    cx.data = Some(Session {
-        leading_space,
-        noreply,
-        ..Session::default()
-    });
-    // Requesting an action the MTA did not offer makes it drop the session.
-    cx.requested_actions |=
-        offered & (Actions::ADD_HEADER | Actions::CHANGE_HEADER | Actions::QUARANTINE);
-    // Ask for what the sign decision needs; Postfix's default milter_*_macros send these
-    // anyway, but asking makes it explicit for other MTAs.
-    let requests = [
-        (MacroStage::Connect, "j {daemon_name} {client_addr}"),
-        (MacroStage::Mail, "{auth_authen} {auth_type} i"),
-        (MacroStage::Eom, "i"),
-    ];
-    if !offered.contains(Actions::REQUEST_MACROS) {
-        return Status::Continue;
-    }
-    cx.requested_actions |= Actions::REQUEST_MACROS;
-    for (stage, names) in requests {
-        if let Ok(names) = CString::new(names) {
-            cx.requested_macros.insert(stage, names);
-        }
-    }
-    Status::Continue
-}
-
-fn macro_value(macros: &Macros, name: &std::ffi::CStr) -> Option<String> {
-    macros
-        .get(name)
-        .map(|v| v.to_string_lossy().into_owned())
-        .filter(|v| !v.is_empty())
-}
 
 /// A header value as the MTA wants it back: LF folds, and a leading space when negotiated.
 fn milter_value(value: &str, leading_space: bool) -> String {
@@ -575,21 +313,17 @@ fn milter_value(value: &str, leading_space: bool) -> String {
 }
 
 /// Applies an On-* action; `what` says why, for the reply text and the log.
-fn apply(cx: &mut EomContext<Session>, action: Action, what: &str) -> Status {
+fn apply(eom: &mut Eom, action: Action, what: &str) -> Verdict {
     match action {
-        Action::Accept | Action::Quarantine => Status::Continue,
-        Action::Discard => Status::Discard,
+        Action::Accept | Action::Quarantine => Verdict::Continue,
+        Action::Discard => Verdict::Discard,
         Action::Reject => {
-            let _ = cx
-                .reply
-                .set_error_reply("550", Some("5.7.1"), [format!("DKIM: {what}")]);
-            Status::Reject
+            eom.set_error_reply("550", "5.7.1", &format!("DKIM: {what}"));
+            Verdict::Reject
         }
         Action::Tempfail => {
-            let _ = cx
-                .reply
-                .set_error_reply("451", Some("4.7.1"), [format!("DKIM: {what}")]);
-            Status::Tempfail
+            eom.set_error_reply("451", "4.7.1", &format!("DKIM: {what}"));
+            Verdict::Tempfail
         }
     }
 }
@@ -604,30 +338,29 @@ fn action_name(action: Action) -> &'static str {
     }
 }
 
-async fn on_eom(
-    cx: &mut EomContext<Session>,
-    milter: Arc<Milter>,
-    recorder: Option<Arc<Recorder>>,
-) -> Status {
-    let queue_id = macro_value(&cx.macros, c"i").unwrap_or_default();
-    let authenticated = macro_value(&cx.macros, c"{auth_type}").is_some()
-        || macro_value(&cx.macros, c"{auth_authen}").is_some();
-    let Some(mut session) = cx.data.take() else {
-        warn!(queue_id, "end of message without a session; passing it");
-        return Status::Continue;
-    };
-    let milter = session.milter.clone().unwrap_or(milter);
-    let message = std::mem::take(&mut session.message);
-    let signing = session.signing.take();
-    let facts = Facts {
-        queue_id: &queue_id,
-        authenticated,
-        recorder: recorder.as_deref(),
-    };
-    let status = process(cx, &milter, &session, &message, signing, &facts).await;
-    session.reset_message();
-    cx.data = Some(session);
-    status
+impl Session {
+    /// End of message: sign, or verify and evaluate DMARC; the modifications go into `eom`.
+    /// `live` is the configuration now, for a message that arrived without MAIL.
+    pub(crate) async fn end_of_message(
+        &mut self,
+        eom: &mut Eom,
+        live: &Arc<Milter>,
+        queue_id: &str,
+        authenticated: bool,
+        recorder: Option<&Recorder>,
+    ) -> Verdict {
+        let milter = self.milter.clone().unwrap_or_else(|| live.clone());
+        let message = std::mem::take(&mut self.message);
+        let signing = self.signing.take();
+        let facts = Facts {
+            queue_id,
+            authenticated,
+            recorder,
+        };
+        let verdict = process(eom, &milter, self, &message, signing, &facts).await;
+        self.reset_message();
+        verdict
+    }
 }
 
 /// What end-of-message knows besides the session.
@@ -650,13 +383,13 @@ fn percent_sample() -> u8 {
 }
 
 async fn process(
-    cx: &mut EomContext<Session>,
+    eom: &mut Eom,
     milter: &Milter,
     session: &Session,
     message: &[u8],
     signing: Option<Signing>,
     facts: &Facts<'_>,
-) -> Status {
+) -> Verdict {
     let queue_id = facts.queue_id;
     let authenticated = facts.authenticated;
     let config = &milter.dkim.config;
@@ -674,16 +407,11 @@ async fn process(
             "message larger than dkim.max_message_size; passed unsigned and unverified"
         );
         metrics::counter!("postern_milter_messages_total", "action" => "oversize").increment(1);
-        return Status::Continue;
+        return Verdict::Continue;
     }
     // RFC 8601 §5: nobody else may speak in our name.
     for instance in dkim::verify::forged_instances(&session.headers, &milter.authserv_id) {
-        let index = i32::try_from(instance).unwrap_or(i32::MAX);
-        match cx
-            .actions
-            .change_header("Authentication-Results", index, None::<&str>)
-            .await
-        {
+        match eom.delete_header(instance, "Authentication-Results") {
             Ok(()) => info!(
                 queue_id,
                 client,
@@ -697,17 +425,17 @@ async fn process(
         }
     }
     if let Some(signing) = signing {
-        return finish_signing(cx, milter, session, message, signing, queue_id, &client).await;
+        return finish_signing(eom, milter, session, message, signing, queue_id, &client).await;
     }
     if !config.mode.verifies() {
-        return Status::Continue;
+        return Verdict::Continue;
     }
     let Some(mut parsed) = AuthenticatedMessage::parse(message) else {
         warn!(
             queue_id,
             client, "message cannot be parsed for DKIM verification"
         );
-        return apply(cx, config.on_internal_error, "message cannot be parsed");
+        return apply(eom, config.on_internal_error, "message cannot be parsed");
     };
     let (errors_before, dropped) =
         dkim::verify::limit_signatures(&mut parsed, config.max_signatures);
@@ -727,15 +455,11 @@ async fn process(
     }
     let entries = dkim::verify::entries(&outputs, errors_before, &bits);
     let header = dkim::authentication_results(&milter.authserv_id, &entries);
-    if let Err(err) = cx
-        .actions
-        .insert_header(
-            0,
-            "Authentication-Results",
-            milter_value(&header, session.leading_space),
-        )
-        .await
-    {
+    if let Err(err) = eom.insert_header(
+        0,
+        "Authentication-Results",
+        milter_value(&header, session.leading_space),
+    ) {
         warn!(queue_id, client, "cannot add Authentication-Results: {err}");
     }
     let verdict = dkim::verify::verdict(&entries, config);
@@ -755,22 +479,19 @@ async fn process(
     metrics::counter!("postern_milter_dkim_total", "action" => "verify", "case" => verdict.case)
         .increment(1);
     if verdict.action == Action::Quarantine
-        && let Err(err) = cx
-            .actions
-            .quarantine(format!("DKIM: {}", verdict.case))
-            .await
+        && let Err(err) = eom.quarantine(format!("DKIM: {}", verdict.case))
     {
         warn!(queue_id, client, "cannot quarantine: {err}");
     }
     if verdict.action != Action::Accept && verdict.action != Action::Quarantine {
-        return apply(cx, verdict.action, verdict.case);
+        return apply(eom, verdict.action, verdict.case);
     }
     let dmarc_config = &milter.config.dmarc;
     if !dmarc_config.enabled {
-        return apply(cx, verdict.action, verdict.case);
+        return apply(eom, verdict.action, verdict.case);
     }
     let Some(client_ip) = session.client.map(|a| a.ip()) else {
-        return apply(cx, verdict.action, verdict.case);
+        return apply(eom, verdict.action, verdict.case);
     };
     let input = DmarcInput {
         client_ip,
@@ -796,12 +517,12 @@ async fn process(
             client,
             "cannot record the DMARC result for reports (store and spool failed): {err}; answering tempfail"
         );
-        let _ = cx.reply.set_error_reply(
+        eom.set_error_reply(
             "451",
-            Some("4.3.0"),
-            ["DMARC report store unavailable, try again later"],
+            "4.3.0",
+            "DMARC report store unavailable, try again later",
         );
-        return Status::Tempfail;
+        return Verdict::Tempfail;
     }
     // After ours (index 0): DMARC's own Authentication-Results, then SPF's.
     for (index, value) in (1..).zip(
@@ -809,15 +530,11 @@ async fn process(
             .into_iter()
             .flatten(),
     ) {
-        if let Err(err) = cx
-            .actions
-            .insert_header(
-                index,
-                "Authentication-Results",
-                milter_value(value, session.leading_space),
-            )
-            .await
-        {
+        if let Err(err) = eom.insert_header(
+            index,
+            "Authentication-Results",
+            milter_value(value, session.leading_space),
+        ) {
             warn!(
                 queue_id,
                 client, "cannot add the DMARC Authentication-Results: {err}"
@@ -834,40 +551,40 @@ async fn process(
     );
     metrics::counter!("postern_milter_dmarc_total", "result" => decision.result).increment(1);
     match decision.action {
-        DmarcAction::Accept => apply(cx, verdict.action, verdict.case),
+        DmarcAction::Accept => apply(eom, verdict.action, verdict.case),
         DmarcAction::Quarantine { reason } => {
             if verdict.action != Action::Quarantine
-                && let Err(err) = cx.actions.quarantine(reason).await
+                && let Err(err) = eom.quarantine(reason)
             {
                 warn!(queue_id, client, "cannot quarantine: {err}");
             }
-            Status::Continue
+            Verdict::Continue
         }
         DmarcAction::Reject {
             code,
             enhanced,
             text,
         } => {
-            let _ = cx.reply.set_error_reply(code, Some(enhanced), [text]);
-            Status::Reject
+            eom.set_error_reply(code, enhanced, &text);
+            Verdict::Reject
         }
         DmarcAction::Tempfail { text } => {
-            let _ = cx.reply.set_error_reply("451", Some("4.7.1"), [text]);
-            Status::Tempfail
+            eom.set_error_reply("451", "4.7.1", &text);
+            Verdict::Tempfail
         }
     }
 }
 
 /// End of a message being signed: the signatures, inserted at the top in the configured order.
 async fn finish_signing(
-    cx: &mut EomContext<Session>,
+    eom: &mut Eom,
     milter: &Milter,
     session: &Session,
     message: &[u8],
     signing: Signing,
     queue_id: &str,
     client: &str,
-) -> Status {
+) -> Verdict {
     let config = &milter.dkim.config;
     let Signing {
         signers,
@@ -887,23 +604,23 @@ async fn finish_signing(
         Err(err) => {
             warn!(queue_id, client, "signing failed: {err}");
             metrics::counter!("postern_milter_dkim_total", "action" => "sign_error").increment(1);
-            return apply(cx, config.on_internal_error, "internal error while signing");
+            return apply(
+                eom,
+                config.on_internal_error,
+                "internal error while signing",
+            );
         }
     };
     // Each inserted at the top: the last inserted ends first, so insert in reverse to keep the
     // configured order.
     for value in values.iter().rev() {
-        if let Err(err) = cx
-            .actions
-            .insert_header(
-                0,
-                "DKIM-Signature",
-                milter_value(value, session.leading_space),
-            )
-            .await
-        {
+        if let Err(err) = eom.insert_header(
+            0,
+            "DKIM-Signature",
+            milter_value(value, session.leading_space),
+        ) {
             warn!(queue_id, client, "cannot add DKIM-Signature: {err}");
-            return apply(cx, config.on_internal_error, "internal error");
+            return apply(eom, config.on_internal_error, "internal error");
         }
     }
     let selectors: Vec<String> = signers
@@ -926,7 +643,7 @@ async fn finish_signing(
     );
     metrics::counter!("postern_milter_dkim_total", "action" => "sign")
         .increment(signers.len() as u64);
-    Status::Continue
+    Verdict::Continue
 }
 
 /// Serves the milter protocol until shutdown.
@@ -935,7 +652,6 @@ pub async fn run(ctx: DaemonContext<Milter>) -> anyhow::Result<()> {
     let listener = Listener::bind(&config.listen, config.socket_mode_bits()?)
         .await
         .map_err(|err| anyhow::anyhow!("cannot listen on {}: {err}", config.listen))?;
-    info!(listen = %listener.describe(), "listening");
     let recorder = if config.dmarc.enabled && config.dmarc.reports.enabled {
         Some(Arc::new(
             Recorder::open(&config.dmarc.reports, &config.state_dir).await,
@@ -961,66 +677,14 @@ pub async fn serve(
     recorder: Option<Arc<Recorder>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let milter_config = Config {
+    let options = ServeOptions {
         max_connections: config.max_connections,
-        connection_timeout: config.connection_timeout.get(),
-        ..Config::default()
+        idle_timeout: config.connection_timeout.get(),
+        ..ServeOptions::default()
     };
-    indymilter::run(
-        MilterListener(listener),
-        callbacks(live, recorder),
-        milter_config,
-        async move { shutdown.cancelled().await },
-    )
+    postern_common::serve::serve(listener, options, shutdown, move |conn| {
+        crate::connection::serve_connection(conn, live.clone(), recorder.clone())
+    })
     .await
     .map_err(|err| anyhow::anyhow!("milter server failed: {err}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    /// Bytes the peer can read within a short wait.
-    async fn available(peer: &mut tokio::io::DuplexStream) -> Vec<u8> {
-        let mut buf = vec![0u8; 256];
-        match tokio::time::timeout(Duration::from_millis(50), peer.read(&mut buf)).await {
-            Ok(Ok(n)) => buf[..n].to_vec(),
-            _ => Vec::new(),
-        }
-    }
-
-    #[tokio::test]
-    async fn replies_go_out_when_we_read_again_or_close() {
-        let (ours, mut mta) = tokio::io::duplex(1 << 20);
-        let mut milter = ReplyBuffer::new(ours);
-        milter.write_all(b"\0\0\0\x01i").await.unwrap();
-        milter.flush().await.unwrap();
-        milter.write_all(b"\0\0\0\x01c").await.unwrap();
-        milter.flush().await.unwrap();
-        assert_eq!(available(&mut mta).await, b"", "held at flush");
-        // Waiting for the MTA sends everything first, in one piece.
-        mta.write_all(b"next").await.unwrap();
-        let mut got = [0u8; 4];
-        milter.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"next");
-        assert_eq!(available(&mut mta).await, b"\0\0\0\x01i\0\0\0\x01c");
-        // A large reply is not held back.
-        let big = vec![b'b'; REPLY_BUFFER_BYTES + 10];
-        milter.write_all(&big).await.unwrap();
-        milter.write_all(b"x").await.unwrap();
-        let mut seen = Vec::new();
-        while seen.len() < big.len() {
-            let chunk = available(&mut mta).await;
-            assert!(!chunk.is_empty(), "only {} bytes went out", seen.len());
-            seen.extend(chunk);
-        }
-        // Closing sends what is left.
-        milter.write_all(b"bye").await.unwrap();
-        milter.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        mta.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(rest, b"xbye");
-    }
 }

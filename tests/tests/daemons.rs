@@ -425,6 +425,16 @@ fn milter_passes_mail_and_survives_malformed_packets_and_silence() {
         bad.write_all(bytes).unwrap();
         read_to_close(&mut bad, Duration::from_secs(5));
     }
+    // Each with a log line that says why.
+    milter
+        .wait_log("is over the limit of 1048575", Duration::from_secs(5))
+        .unwrap();
+    milter
+        .wait_log(
+            "bad milter input; connection closed",
+            Duration::from_secs(5),
+        )
+        .unwrap();
     let started = Instant::now();
     let mut silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
     read_to_close(&mut silent, Duration::from_secs(5));
