@@ -150,7 +150,12 @@ impl Session {
         self.rcpt_to.clear();
         self.headers.clear();
         self.headers_dropped = 0;
-        self.message = Vec::new();
+        // The buffer is kept for the next message (most are a few kilobytes: no reallocation
+        // as it fills), unless a large one grew it.
+        self.message.clear();
+        if self.message.capacity() > STREAM_FROM_BYTES {
+            self.message = Vec::new();
+        }
         self.body_bytes = 0;
         self.oversize = false;
     }
@@ -304,12 +309,18 @@ const MAX_HEADERS: usize = 1000;
 
 /// A header value as the MTA wants it back: LF folds, and a leading space when negotiated.
 fn milter_value(value: &str, leading_space: bool) -> String {
-    let value = value.replace("\r\n", "\n");
+    let mut out = String::with_capacity(value.len() + 1);
     if leading_space {
-        format!(" {value}")
-    } else {
-        value
+        out.push(' ');
     }
+    let mut rest = value;
+    while let Some(at) = rest.find("\r\n") {
+        out.push_str(&rest[..at]);
+        out.push('\n');
+        rest = &rest[at + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Applies an On-* action; `what` says why, for the reply text and the log.
@@ -350,14 +361,14 @@ impl Session {
         recorder: Option<&Recorder>,
     ) -> Verdict {
         let milter = self.milter.clone().unwrap_or_else(|| live.clone());
-        let message = std::mem::take(&mut self.message);
         let signing = self.signing.take();
         let facts = Facts {
             queue_id,
             authenticated,
             recorder,
         };
-        let verdict = process(eom, &milter, self, &message, signing, &facts).await;
+        let session: &Session = self;
+        let verdict = process(eom, &milter, session, &session.message, signing, &facts).await;
         self.reset_message();
         verdict
     }
@@ -687,4 +698,19 @@ pub async fn serve(
     })
     .await
     .map_err(|err| anyhow::anyhow!("milter server failed: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_go_back_with_lf_folds_and_the_negotiated_space() {
+        assert_eq!(milter_value("a\r\n\tb\r\n\tc", true), " a\n\tb\n\tc");
+        assert_eq!(milter_value("plain", false), "plain");
+        assert_eq!(
+            milter_value("lone\nlf and cr\r", true),
+            " lone\nlf and cr\r"
+        );
+    }
 }
