@@ -112,7 +112,7 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("greylist-writer".into())
             .spawn(move || group_commit_worker(writer, queue, &worker_cache))
-            .map_err(|e| StoreError::Url(format!("cannot start the greylist writer: {e}")))?;
+            .map_err(|e| StoreError::Thread(e.to_string()))?;
         Ok(Self { pool, jobs, cache })
     }
 

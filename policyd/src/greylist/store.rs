@@ -40,6 +40,9 @@ pub enum StoreError {
     /// The store's worker is gone (the store is shutting down).
     #[error("greylist store worker stopped")]
     WorkerGone,
+    /// The writer thread could not be started.
+    #[error("cannot start the greylist writer thread: {0}")]
+    Thread(String),
 }
 
 /// One greylisting request's store work: the AWL check of the client, then the triplet.
