@@ -306,9 +306,6 @@ pub async fn serve_connection(
         }
         Ending::Bad(reason) => warn!(%peer, reason, "bad milter input; connection closed"),
     }
-    if state.in_message {
-        state.session.reset_message();
-    }
 }
 
 /// A connection's state between commands.
@@ -400,12 +397,16 @@ impl ConnectionState {
                     self.session.body(chunk).await;
                 }
                 let mut eom = Eom::new(self.negotiated.actions);
-                let live = self.live.borrow().clone();
+                // A message that arrived without MAIL is handled with the configuration now.
+                let milter = match &self.session.milter {
+                    Some(milter) => milter.clone(),
+                    None => self.live.borrow().clone(),
+                };
                 let verdict = self
                     .session
                     .end_of_message(
                         &mut eom,
-                        &live,
+                        &milter,
                         self.macros.get("i").unwrap_or_default(),
                         self.authenticated(),
                         self.recorder.as_deref(),

@@ -396,7 +396,6 @@ pub enum Modification {
     Quarantine(String),
 }
 
-/// The action a modification needs negotiated.
 impl Modification {
     /// The SMFIF_* flag the MTA must have agreed to.
     pub fn needs(&self) -> u32 {

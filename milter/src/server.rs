@@ -137,6 +137,8 @@ pub struct Signing {
     pub stream: Option<SignStream>,
     /// Bytes seen so far (header section and body).
     pub bytes: usize,
+    /// The From domain the keys were chosen for (for the log line).
+    pub from_domain: String,
 }
 
 /// Messages to be signed are buffered up to this size, then hashed as they arrive.
@@ -220,10 +222,10 @@ impl Session {
         if !milter.dkim.trusted(&request) {
             return;
         }
-        let signers = from
-            .as_ref()
-            .map(|(local, domain)| milter.dkim.signers_for(local, domain))
-            .unwrap_or_default();
+        let Some((local, domain)) = from else {
+            return;
+        };
+        let signers = milter.dkim.signers_for(&local, &domain);
         if signers.is_empty() {
             return;
         }
@@ -235,6 +237,7 @@ impl Session {
             header_list,
             stream: None,
             bytes: self.message.len(),
+            from_domain: domain,
         });
     }
 
@@ -350,17 +353,16 @@ fn action_name(action: Action) -> &'static str {
 }
 
 impl Session {
-    /// End of message: sign, or verify and evaluate DMARC; the modifications go into `eom`.
-    /// `live` is the configuration now, for a message that arrived without MAIL.
+    /// End of message: sign, or verify and evaluate DMARC, with the configuration taken at
+    /// MAIL; the modifications go into `eom`.
     pub(crate) async fn end_of_message(
         &mut self,
         eom: &mut Eom,
-        live: &Arc<Milter>,
+        milter: &Milter,
         queue_id: &str,
         authenticated: bool,
         recorder: Option<&Recorder>,
     ) -> Verdict {
-        let milter = self.milter.clone().unwrap_or_else(|| live.clone());
         let signing = self.signing.take();
         let facts = Facts {
             queue_id,
@@ -368,7 +370,7 @@ impl Session {
             recorder,
         };
         let session: &Session = self;
-        let verdict = process(eom, &milter, session, &session.message, signing, &facts).await;
+        let verdict = process(eom, milter, session, &session.message, signing, &facts).await;
         self.reset_message();
         verdict
     }
@@ -601,6 +603,7 @@ async fn finish_signing(
         signers,
         header_list,
         stream,
+        from_domain,
         ..
     } = signing;
     let values = match stream {
@@ -638,16 +641,11 @@ async fn finish_signing(
         .iter()
         .map(|s| format!("{}/{}", s.domain, s.selector))
         .collect();
-    let from = session
-        .headers
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case("From"))
-        .and_then(|(_, value)| dkim::sign::from_address(value));
     info!(
         queue_id,
         client,
         sender = session.mail_from.as_str(),
-        from = from.as_ref().map(|(_, d)| d.as_str()).unwrap_or(""),
+        from = from_domain.as_str(),
         signatures = selectors.join(",").as_str(),
         action = "sign",
         "signed"

@@ -86,7 +86,7 @@ async fn start() -> Server {
     config.dns.nameservers = vec![dns.addr()];
     config.dmarc.enabled = false;
     let milter = Milter::build(Arc::new(config.clone())).unwrap();
-    let (_live, receiver) = watch::channel(Arc::new(milter));
+    let (live, receiver) = watch::channel(Arc::new(milter));
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     std_listener.set_nonblocking(true).unwrap();
     let addr = std_listener.local_addr().unwrap();
@@ -94,7 +94,9 @@ async fn start() -> Server {
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let done = tokio::spawn(async move {
-        let _live = _live;
+        // The sender lives as long as the server: a dropped sender ends nothing, but keeps the
+        // configuration the tests started with.
+        let _live = live;
         server::serve(listener, &config, receiver, None, token).await
     });
     Server {

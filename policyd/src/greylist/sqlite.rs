@@ -425,46 +425,54 @@ impl ReadPlan {
 
     /// Reads the planned rows.
     fn read(&self, conn: &rusqlite::Connection) -> Result<ReadRows, rusqlite::Error> {
-        let mut rows = ReadRows::default();
-        if !self.triplets.is_empty() {
-            let mut select =
-                conn.prepare_cached("SELECT first, last, passed FROM triplets WHERE key = ?1")?;
-            for key in &self.triplets {
-                let row = select
-                    .query_row([key], |row| {
-                        Ok((
-                            TripletTimes {
-                                first: to_u64(row.get(0)?),
-                                last: to_u64(row.get(1)?),
-                            },
-                            row.get::<_, i64>(2)? != 0,
-                        ))
-                    })
-                    .optional()?;
-                if let Some(row) = row {
-                    rows.triplets.push((key.clone(), row));
-                }
-            }
-        }
-        if !self.clients.is_empty() {
-            let mut select =
-                conn.prepare_cached("SELECT count, last FROM clients WHERE key = ?1")?;
-            for key in &self.clients {
-                let row = select
-                    .query_row([key], |row| {
-                        Ok(ClientCount {
-                            count: to_u64(row.get(0)?),
+        Ok(ReadRows {
+            triplets: read_keyed(
+                conn,
+                "SELECT first, last, passed FROM triplets WHERE key = ?1",
+                &self.triplets,
+                |row| {
+                    Ok((
+                        TripletTimes {
+                            first: to_u64(row.get(0)?),
                             last: to_u64(row.get(1)?),
-                        })
+                        },
+                        row.get::<_, i64>(2)? != 0,
+                    ))
+                },
+            )?,
+            clients: read_keyed(
+                conn,
+                "SELECT count, last FROM clients WHERE key = ?1",
+                &self.clients,
+                |row| {
+                    Ok(ClientCount {
+                        count: to_u64(row.get(0)?),
+                        last: to_u64(row.get(1)?),
                     })
-                    .optional()?;
-                if let Some(row) = row {
-                    rows.clients.push((key.clone(), row));
-                }
-            }
-        }
-        Ok(rows)
+                },
+            )?,
+        })
     }
+}
+
+/// The row of each key that has one, by `sql` (its one parameter is the key).
+fn read_keyed<T>(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    keys: &[String],
+    decode: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<(String, T)>> {
+    let mut found = Vec::new();
+    if keys.is_empty() {
+        return Ok(found);
+    }
+    let mut select = conn.prepare_cached(sql)?;
+    for key in keys {
+        if let Some(row) = select.query_row([key], &decode).optional()? {
+            found.push((key.clone(), row));
+        }
+    }
+    Ok(found)
 }
 
 /// The stored rows of a batch's keys (keys without a row are absent).
