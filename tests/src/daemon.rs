@@ -122,11 +122,22 @@ impl DaemonProcess {
 
     /// Waits (bounded) until its log contains `needle`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_log_count(needle, 1, timeout)
+    }
+
+    /// Waits (bounded) until its log contains `needle` at least `count` times. The log thread
+    /// writes in batches, so lines from two requests may reach the file in two writes.
+    pub fn wait_log_count(
+        &self,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
-        while !self.log().contains(needle) {
+        while self.log().matches(needle).count() < count {
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "{needle:?} not logged within {timeout:?}; log:\n{}",
+                "{needle:?} not logged {count} times within {timeout:?}; log:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));

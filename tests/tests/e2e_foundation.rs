@@ -174,15 +174,12 @@ async fn message_passes_through_postfix_with_all_three_daemons() {
     );
 
     // The policy server answered the RCPT request, the milter saw the message, srsd was asked.
-    daemons
-        .policyd
-        .wait_log("recipient=\"bob@dest.example\"", Duration::from_secs(5))
-        .unwrap();
-    let policy_log = daemons.policyd.log();
-    assert!(
-        policy_log.contains("action=\"DEFER_IF_PERMIT") && policy_log.contains("action=\"DUNNO\""),
-        "{policy_log}"
-    );
+    for needle in ["action=\"DEFER_IF_PERMIT", "action=\"DUNNO\""] {
+        daemons
+            .policyd
+            .wait_log(needle, Duration::from_secs(5))
+            .unwrap();
+    }
     // The milter logged its decision on this very message: the queue id Postfix gave it (in
     // Postfix's Received header) is in the milter's log.
     let received = got.headers("Received").join(" ");
