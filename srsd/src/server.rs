@@ -8,7 +8,7 @@ use std::time::Duration;
 use postern_common::clock::{Clock, SystemClock};
 use postern_common::config::ConfigError;
 use postern_common::daemon::{Daemon, DaemonContext};
-use postern_common::listen::{ListenSpec, Listener, PeerAddr};
+use postern_common::listen::{ListenSpec, Listener};
 use postern_common::secret;
 use postern_common::serve::{self, Connection, NextFrame, ServeOptions};
 use tokio::io::AsyncWriteExt;
@@ -184,7 +184,7 @@ impl Srsd {
         direction: Direction,
         address: &str,
         unix: u64,
-        peer: &PeerAddr,
+        peer: &str,
     ) -> Outcome {
         let outcome = self.decide(direction, address, unix).await;
         let way = if direction == Direction::Forward {
@@ -226,6 +226,8 @@ impl Srsd {
 }
 
 async fn serve_tcp_table(conn: Connection, live: watch::Receiver<Arc<Srsd>>, direction: Direction) {
+    // Formatted once: every rewrite logs it.
+    let peer = conn.peer.to_string();
     let (reader, mut writer) = tokio::io::split(conn.stream);
     let mut frames = FramedRead::new(reader, tcp_table::TcpTableDecoder::default());
     loop {
@@ -233,7 +235,7 @@ async fn serve_tcp_table(conn: Connection, live: watch::Receiver<Arc<Srsd>>, dir
             NextFrame::Frame(tcp_table::Request::Get(key)) => {
                 let srsd = live.borrow().clone();
                 match srsd
-                    .lookup(direction, &key, SystemClock.unix(), &conn.peer)
+                    .lookup(direction, &key, SystemClock.unix(), &peer)
                     .await
                 {
                     Outcome::Rewritten(address) => tcp_table::Reply::Found(address),
@@ -247,11 +249,11 @@ async fn serve_tcp_table(conn: Connection, live: watch::Receiver<Arc<Srsd>>, dir
                 }
             }
             NextFrame::Frame(tcp_table::Request::Invalid(reason)) => {
-                warn!(peer = %conn.peer, reason, "invalid tcp_table request");
+                warn!(%peer, reason, "invalid tcp_table request");
                 tcp_table::Reply::Error(reason)
             }
             NextFrame::Error(err) => {
-                warn!(peer = %conn.peer, error = %err, "bad tcp_table input; closing connection");
+                warn!(%peer, error = %err, "bad tcp_table input; closing connection");
                 if err.wants_reply() {
                     let _ = writer
                         .write_all(&tcp_table::Reply::Error(err.to_string()).encode())
@@ -260,7 +262,7 @@ async fn serve_tcp_table(conn: Connection, live: watch::Receiver<Arc<Srsd>>, dir
                 return;
             }
             NextFrame::Idle => {
-                info!(peer = %conn.peer, idle_timeout = ?conn.idle_timeout, "idle connection closed");
+                info!(%peer, idle_timeout = ?conn.idle_timeout, "idle connection closed");
                 return;
             }
             NextFrame::Closed | NextFrame::Shutdown => return,
@@ -272,6 +274,8 @@ async fn serve_tcp_table(conn: Connection, live: watch::Receiver<Arc<Srsd>>, dir
 }
 
 async fn serve_socketmap(conn: Connection, live: watch::Receiver<Arc<Srsd>>) {
+    // Formatted once: every rewrite logs it.
+    let peer = conn.peer.to_string();
     let (reader, mut writer) = tokio::io::split(conn.stream);
     let mut frames = FramedRead::new(reader, socketmap::SocketmapDecoder);
     loop {
@@ -285,7 +289,7 @@ async fn serve_socketmap(conn: Connection, live: watch::Receiver<Arc<Srsd>>) {
                 let srsd = live.borrow().clone();
                 match direction {
                     Some(direction) => match srsd
-                        .lookup(direction, &key, SystemClock.unix(), &conn.peer)
+                        .lookup(direction, &key, SystemClock.unix(), &peer)
                         .await
                     {
                         // postsrsd 2.x: NOTFOUND and PERM carry the reason.
@@ -299,14 +303,14 @@ async fn serve_socketmap(conn: Connection, live: watch::Receiver<Arc<Srsd>>) {
                         Outcome::Unavailable(reason) => socketmap::Reply::Temp(reason),
                     },
                     None => {
-                        warn!(peer = %conn.peer, map, "unknown socketmap map name");
+                        warn!(%peer, map, "unknown socketmap map name");
                         socketmap::Reply::Perm("Invalid map.".to_owned())
                     }
                 }
             }
             NextFrame::Frame(socketmap::Request::Invalid(reason)) => socketmap::Reply::Perm(reason),
             NextFrame::Error(err) => {
-                warn!(peer = %conn.peer, error = %err, "bad socketmap input; closing connection");
+                warn!(%peer, error = %err, "bad socketmap input; closing connection");
                 if err.wants_reply() {
                     let _ = writer
                         .write_all(&socketmap::Reply::Perm(err.to_string()).encode())
@@ -315,7 +319,7 @@ async fn serve_socketmap(conn: Connection, live: watch::Receiver<Arc<Srsd>>) {
                 return;
             }
             NextFrame::Idle => {
-                info!(peer = %conn.peer, idle_timeout = ?conn.idle_timeout, "idle connection closed");
+                info!(%peer, idle_timeout = ?conn.idle_timeout, "idle connection closed");
                 return;
             }
             NextFrame::Closed | NextFrame::Shutdown => return,

@@ -113,15 +113,26 @@ impl Srs {
         let Ok(mut mac) = Hmac::<sha1::Sha1>::new_from_slice(secret) else {
             return String::new();
         };
+        // Lower-cased a chunk at a time on the stack: an address part is seldom one chunk long.
+        let mut lower = [0u8; 64];
         for part in parts {
-            mac.update(part.to_ascii_lowercase().as_bytes());
+            for chunk in part.as_bytes().chunks(lower.len()) {
+                let lower = &mut lower[..chunk.len()];
+                lower.copy_from_slice(chunk);
+                lower.make_ascii_lowercase();
+                mac.update(lower);
+            }
         }
         let digest = mac.finalize().into_bytes();
-        let encoded = match self.alphabet {
-            HashAlphabet::Base64 => base64::engine::general_purpose::STANDARD.encode(digest),
-            HashAlphabet::Base64url => base64::engine::general_purpose::URL_SAFE.encode(digest),
+        // 20 digest bytes are 28 base64 characters, padding included.
+        let mut encoded = [0u8; 28];
+        let engine = match self.alphabet {
+            HashAlphabet::Base64 => &base64::engine::general_purpose::STANDARD,
+            HashAlphabet::Base64url => &base64::engine::general_purpose::URL_SAFE,
         };
-        encoded.chars().take(self.hash_length).collect()
+        let written = engine.encode_slice(digest, &mut encoded).unwrap_or(0);
+        let kept = &encoded[..written.min(self.hash_length)];
+        std::str::from_utf8(kept).unwrap_or_default().to_owned()
     }
 
     fn sign(&self, parts: &[&str]) -> String {
@@ -283,6 +294,26 @@ mod tests {
             hash_length: 4,
             hash_minimum: 4,
             alphabet,
+        }
+    }
+
+    #[test]
+    fn the_hash_lower_cases_parts_of_any_length_and_keeps_padding_within_the_length() {
+        // Parts longer than the 64-byte chunk the hash lower-cases at a time, in mixed case:
+        // the same HMAC as over the lower-cased text in one piece.
+        let long_user = "Very.Long.Local.Part.".repeat(9);
+        let host = "Sub.Example.ORG";
+        let mut mac = Hmac::<sha1::Sha1>::new_from_slice(b"tops3cr3t").unwrap();
+        mac.update(b"2w");
+        mac.update(host.to_ascii_lowercase().as_bytes());
+        mac.update(long_user.to_ascii_lowercase().as_bytes());
+        let expected =
+            base64::engine::general_purpose::URL_SAFE.encode(mac.finalize().into_bytes());
+        let mut srs = srs(HashAlphabet::Base64url);
+        for length in [4, 27, 28, 40] {
+            srs.hash_length = length;
+            let hash = srs.sign(&["2W", host, &long_user]);
+            assert_eq!(hash, expected[..length.min(28)], "length {length}");
         }
     }
 

@@ -33,14 +33,23 @@ pub enum Reply {
 impl Reply {
     /// The reply line, value %XX-encoded, reasons stripped of anything that would break the line.
     pub fn encode(&self) -> Vec<u8> {
-        let (code, text) = match self {
-            Self::Found(value) => ("200", encode_key(value)),
-            Self::NotFound(reason) => ("500", printable(reason)),
-            Self::Error(reason) => ("400", printable(reason)),
-        };
-        let mut line = format!("{code} {text}");
+        let mut line = String::with_capacity(80);
+        match self {
+            Self::Found(value) => {
+                line.push_str("200 ");
+                encode_key_into(&mut line, value);
+            }
+            Self::NotFound(reason) => {
+                line.push_str("500 ");
+                push_printable(&mut line, reason);
+            }
+            Self::Error(reason) => {
+                line.push_str("400 ");
+                push_printable(&mut line, reason);
+            }
+        }
         if line.len() >= MAX_REPLY_BYTES {
-            if code == "200" {
+            if matches!(self, Self::Found(_)) {
                 // A cut address would be a wrong address: better no rewrite at all.
                 return b"500 Result too long\n".to_vec();
             }
@@ -55,10 +64,8 @@ impl Reply {
     }
 }
 
-fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+fn push_printable(line: &mut String, text: &str) {
+    line.extend(text.chars().map(|c| if c.is_control() { ' ' } else { c }));
 }
 
 /// Why a line could not be framed (the connection is then closed).
@@ -93,14 +100,22 @@ impl From<std::io::Error> for TcpTableError {
 /// ASCII, space, and `%`.
 pub fn encode_key(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
+    encode_key_into(&mut out, text);
+    out
+}
+
+/// [`encode_key`], appending to `out`.
+fn encode_key_into(out: &mut String, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in text.as_bytes() {
         if b.is_ascii_graphic() && b != b'%' {
             out.push(char::from(b));
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
         }
     }
-    out
 }
 
 /// Decodes %XX escapes; `None` for a malformed escape or bytes that are not UTF-8.
