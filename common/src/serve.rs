@@ -248,6 +248,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_busy_past_the_idle_timeout_stays_open_until_it_goes_quiet() {
+        let (listener, addr) = loopback().await;
+        let shutdown = CancellationToken::new();
+        let options = ServeOptions {
+            max_connections: 8,
+            idle_timeout: Duration::from_millis(200),
+            grace_period: Duration::from_secs(2),
+        };
+        let server = tokio::spawn(serve(listener, options, shutdown.clone(), echo));
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        // Six requests 120 ms apart: 720 ms in all, each gap under the timeout. The timer set
+        // at connect fires in the middle of this and must only move on.
+        for i in 0..6 {
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            write
+                .write_all(format!("ping {i}\n").as_bytes())
+                .await
+                .unwrap();
+            assert_eq!(
+                lines.next_line().await.unwrap().as_deref(),
+                Some(format!("ping {i}").as_str())
+            );
+        }
+        let started = std::time::Instant::now();
+        let closed = tokio::time::timeout(Duration::from_secs(2), lines.next_line())
+            .await
+            .expect("quiet connection was not closed");
+        assert_eq!(closed.unwrap(), None);
+        assert!(
+            started.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            started.elapsed()
+        );
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(3), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn in_flight_request_is_answered_at_shutdown() {
         let (listener, addr) = loopback().await;
         let shutdown = CancellationToken::new();
