@@ -209,16 +209,38 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn serves_many_connections_and_idle_ones_are_closed() {
+    /// The echo server with this idle timeout: its task, address and shutdown token.
+    async fn echo_with_idle_timeout(
+        idle_timeout: Duration,
+    ) -> (
+        tokio::task::JoinHandle<io::Result<()>>,
+        std::net::SocketAddr,
+        CancellationToken,
+    ) {
         let (listener, addr) = loopback().await;
         let shutdown = CancellationToken::new();
         let options = ServeOptions {
             max_connections: 8,
-            idle_timeout: Duration::from_millis(200),
+            idle_timeout,
             grace_period: Duration::from_secs(2),
         };
         let server = tokio::spawn(serve(listener, options, shutdown.clone(), echo));
+        (server, addr, shutdown)
+    }
+
+    /// Shuts the server down; it must end within 3 s.
+    async fn stop(server: tokio::task::JoinHandle<io::Result<()>>, shutdown: &CancellationToken) {
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(3), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn serves_many_connections_and_idle_ones_are_closed() {
+        let (server, addr, shutdown) = echo_with_idle_timeout(Duration::from_millis(200)).await;
         for i in 0..20 {
             let stream = TcpStream::connect(addr).await.unwrap();
             let (read, mut write) = stream.into_split();
@@ -239,24 +261,12 @@ mod tests {
             .await
             .expect("idle connection was not closed");
         assert_eq!(read.unwrap(), 0);
-        shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(3), server)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        stop(server, &shutdown).await;
     }
 
     #[tokio::test]
     async fn a_connection_busy_past_the_idle_timeout_stays_open_until_it_goes_quiet() {
-        let (listener, addr) = loopback().await;
-        let shutdown = CancellationToken::new();
-        let options = ServeOptions {
-            max_connections: 8,
-            idle_timeout: Duration::from_millis(200),
-            grace_period: Duration::from_secs(2),
-        };
-        let server = tokio::spawn(serve(listener, options, shutdown.clone(), echo));
+        let (server, addr, shutdown) = echo_with_idle_timeout(Duration::from_millis(200)).await;
         let stream = TcpStream::connect(addr).await.unwrap();
         let (read, mut write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
@@ -283,12 +293,7 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(3), server)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        stop(server, &shutdown).await;
     }
 
     #[tokio::test]
