@@ -113,7 +113,7 @@ impl Srs {
         let Ok(mut mac) = Hmac::<sha1::Sha1>::new_from_slice(secret) else {
             return String::new();
         };
-        // Lower-cased a chunk at a time on the stack: an address part is seldom one chunk long.
+        // Lower-cased on the stack a chunk at a time: an address part seldom needs more than one.
         let mut lower = [0u8; 64];
         for part in parts {
             for chunk in part.as_bytes().chunks(lower.len()) {
