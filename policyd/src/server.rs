@@ -204,13 +204,19 @@ pub async fn run(ctx: DaemonContext<Policyd>) -> anyhow::Result<()> {
         idle_timeout: config.idle_timeout.get(),
         ..ServeOptions::default()
     };
-    let mut tasks = tokio::task::JoinSet::new();
+    // Every listener is bound before any serves: one that cannot bind stops the start
+    // before a request is answered, and once one port answers, all do.
+    let mut bound = Vec::with_capacity(config.listen.len());
     for listener_config in &config.listen {
         let listener = Listener::bind(&listener_config.address, mode)
             .await
             .map_err(|err| {
                 anyhow::anyhow!("cannot listen on {}: {err}", listener_config.address)
             })?;
+        bound.push((listener, listener_config));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (listener, listener_config) in bound {
         let checks: Arc<[Check]> = listener_config.checks.clone().into();
         let live = ctx.live.clone();
         tasks.spawn(serve::serve(

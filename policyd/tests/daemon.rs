@@ -18,6 +18,15 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The TCP ports of every `[[listen]]` address in a config.
+fn listener_ports(config: &str) -> Vec<u16> {
+    config
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("address = \"inet:127.0.0.1:"))
+        .filter_map(|rest| rest.trim_end_matches('"').parse().ok())
+        .collect()
+}
+
 /// A running postern-policyd; killed on drop.
 struct Policyd {
     child: Child,
@@ -66,16 +75,20 @@ impl Policyd {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = daemon.child.try_wait().unwrap() {
-                panic!("policyd exited {status}: {}", daemon.log());
+        // Listeners bind one after another, so a test that uses a second one must not start
+        // before that one is up too.
+        for port in listener_ports(&std::fs::read_to_string(&config).unwrap()) {
+            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if let Some(status) = daemon.child.try_wait().unwrap() {
+                    panic!("policyd exited {status}: {}", daemon.log());
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "policyd did not listen on {port}: {}",
+                    daemon.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
             }
-            assert!(
-                Instant::now() < deadline,
-                "policyd did not listen: {}",
-                daemon.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
         daemon
     }
@@ -417,6 +430,40 @@ fn policy_context_selects_the_check() {
         )),
         DEFER,
         "the SPF request did not record the triplet"
+    );
+}
+
+#[test]
+fn a_listener_that_cannot_bind_stops_the_start_before_any_listener_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let free = free_port();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let config = dir.path().join("policyd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n[[listen]]\naddress = \"inet:127.0.0.1:{free}\"\n\
+             [[listen]]\naddress = \"inet:127.0.0.1:{taken_port}\"\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let output = Command::new(BIN)
+        .arg("-c")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{log}");
+    assert!(
+        log.contains(&format!("cannot listen on inet:127.0.0.1:{taken_port}")),
+        "{log}"
+    );
+    assert!(
+        !log.contains("listening"),
+        "a listener served before the start failed: {log}"
     );
 }
 

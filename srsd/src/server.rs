@@ -347,24 +347,32 @@ pub async fn run(ctx: DaemonContext<Srsd>) -> anyhow::Result<()> {
     if let Some(path) = &ctx.live.borrow().generated_secret {
         info!(file = %path.display(), "generated a new SRS secret; keep it (and back it up) so that addresses in flight keep reversing");
     }
-    let mut tasks = tokio::task::JoinSet::new();
+    // Every listener is bound before any serves: one that cannot bind stops the start
+    // before a lookup is answered, and once one port answers, all do.
+    let mut tcp_tables = Vec::new();
     for (spec, direction) in [
         (&config.forward_listen, Direction::Forward),
         (&config.reverse_listen, Direction::Reverse),
     ] {
         if let Some(spec) = spec {
-            let listener = bind(spec, mode).await?;
-            let live = ctx.live.clone();
-            tasks.spawn(serve::serve(
-                listener,
-                options,
-                ctx.shutdown.clone(),
-                move |conn| serve_tcp_table(conn, live.clone(), direction),
-            ));
+            tcp_tables.push((bind(spec, mode).await?, direction));
         }
     }
-    if let Some(spec) = &config.socketmap_listen {
-        let listener = bind(spec, mode).await?;
+    let socketmap = match &config.socketmap_listen {
+        Some(spec) => Some(bind(spec, mode).await?),
+        None => None,
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for (listener, direction) in tcp_tables {
+        let live = ctx.live.clone();
+        tasks.spawn(serve::serve(
+            listener,
+            options,
+            ctx.shutdown.clone(),
+            move |conn| serve_tcp_table(conn, live.clone(), direction),
+        ));
+    }
+    if let Some(listener) = socketmap {
         let live = ctx.live.clone();
         tasks.spawn(serve::serve(
             listener,
