@@ -252,13 +252,13 @@ impl Rewriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::srs::HashAlphabet;
+    use crate::srs::{HashAlphabet, Secret};
 
     const T: u64 = 1_577_836_860;
 
     fn rewriter(domains: &[&str], file: Option<PathBuf>) -> Rewriter {
         let srs = Srs {
-            secrets: vec![b"tops3cr3t".to_vec()],
+            secrets: vec![Secret::new(b"tops3cr3t")],
             separator: '=',
             hash_length: 4,
             hash_minimum: 4,

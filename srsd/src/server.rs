@@ -20,7 +20,7 @@ use crate::config::{OriginalEnvelope, SrsdConfig};
 use crate::envelope_db::{self, EnvelopeStore};
 use crate::proto::{socketmap, tcp_table};
 use crate::rewrite::{Outcome, Rewriter, Skip, is_database_alias};
-use crate::srs::Srs;
+use crate::srs::{Secret, Srs};
 
 /// The live state.
 #[derive(Debug)]
@@ -38,7 +38,7 @@ pub struct Srsd {
 
 /// Reads the secrets file (one secret per line, CR/LF stripped, blank lines skipped), generating
 /// one when the default file does not exist yet; says whether it did.
-pub fn load_secrets(config: &SrsdConfig) -> Result<(Vec<Vec<u8>>, bool), ConfigError> {
+pub fn load_secrets(config: &SrsdConfig) -> Result<(Vec<Secret>, bool), ConfigError> {
     let path = config.effective_secrets_file();
     let generate = config.secrets_file.is_none() && !path.exists();
     if generate {
@@ -58,10 +58,11 @@ pub fn load_secrets(config: &SrsdConfig) -> Result<(Vec<Vec<u8>>, bool), ConfigE
     }
     let bytes = secret::read_private_file(&path)
         .map_err(|e| ConfigError::invalid("secrets_file", e.to_string()))?;
-    let secrets: Vec<Vec<u8>> = bytes
+    let secrets: Vec<Secret> = bytes
         .split(|&b| b == b'\n')
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line).to_vec())
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
         .filter(|line| !line.is_empty())
+        .map(Secret::new)
         .collect();
     if secrets.is_empty() {
         return Err(ConfigError::invalid(

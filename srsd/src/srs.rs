@@ -22,11 +22,34 @@ pub enum HashAlphabet {
     Base64,
 }
 
+/// One secret, held as the HMAC keyed with it. Keying hashes the padded key into the inner and
+/// outer states, two SHA-1 blocks of the four a lookup costs: done once here, each hash starts
+/// from a copy. Its `Debug` shows no key material.
+#[derive(Clone)]
+pub struct Secret {
+    keyed: Hmac<sha1::Sha1>,
+}
+
+impl Secret {
+    /// A secret from its bytes (a line of the secrets file).
+    pub fn new(bytes: impl AsRef<[u8]>) -> Self {
+        let keyed = Hmac::<sha1::Sha1>::new_from_slice(bytes.as_ref())
+            .expect("HMAC takes a key of any length (a long one is hashed first)");
+        Self { keyed }
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
 /// The signing and verifying settings.
 #[derive(Debug, Clone)]
 pub struct Srs {
     /// Secrets: the first signs, every one verifies.
-    pub secrets: Vec<Vec<u8>>,
+    pub secrets: Vec<Secret>,
     /// The character after `SRS0`/`SRS1` in addresses we write: `=`, `+` or `-`.
     pub separator: char,
     /// Characters of hash written.
@@ -109,10 +132,8 @@ fn hash_char_eq(a: u8, b: u8) -> bool {
 }
 
 impl Srs {
-    fn hash_with(&self, secret: &[u8], parts: &[&str]) -> String {
-        let Ok(mut mac) = Hmac::<sha1::Sha1>::new_from_slice(secret) else {
-            return String::new();
-        };
+    fn hash_with(&self, secret: &Secret, parts: &[&str]) -> String {
+        let mut mac = secret.keyed.clone();
         // Lower-cased on the stack a chunk at a time: an address part seldom needs more than one.
         let mut lower = [0u8; 64];
         for part in parts {
@@ -136,7 +157,12 @@ impl Srs {
     }
 
     fn sign(&self, parts: &[&str]) -> String {
-        self.hash_with(self.secrets.first().map_or(&[][..], Vec::as_slice), parts)
+        match self.secrets.first() {
+            Some(secret) => self.hash_with(secret, parts),
+            // A config always holds a secret (load refuses an empty file); with none, the
+            // empty key, as before.
+            None => self.hash_with(&Secret::new([]), parts),
+        }
     }
 
     fn verify(&self, given: &str, parts: &[&str]) -> Result<(), ReverseError> {
@@ -289,7 +315,7 @@ mod tests {
 
     fn srs(alphabet: HashAlphabet) -> Srs {
         Srs {
-            secrets: vec![b"tops3cr3t".to_vec()],
+            secrets: vec![Secret::new(b"tops3cr3t")],
             separator: '=',
             hash_length: 4,
             hash_minimum: 4,
@@ -366,7 +392,7 @@ mod tests {
                 .unwrap(),
             "SRS0=vmyz=2W=otherdomain.com=test@example.com"
         );
-        s.secrets.insert(0, b"new secret".to_vec());
+        s.secrets.insert(0, Secret::new(b"new secret"));
         assert_eq!(
             s.reverse("SRS0=vmyz=2W=otherdomain.com=test", T).unwrap(),
             "test@otherdomain.com"
@@ -376,6 +402,15 @@ mod tests {
             s.reverse("SRS0=vmyz=2W=otherdomain.com=test", T),
             Err(ReverseError::BadHash)
         );
+    }
+
+    #[test]
+    fn the_settings_debug_output_shows_no_secret() {
+        let shown = format!("{:?}", srs(HashAlphabet::Base64url));
+        assert!(shown.contains("Secret(..)"), "{shown}");
+        assert!(!shown.contains("tops3cr3t"), "{shown}");
+        // Nor the secret's bytes as numbers: b't' is 116, b'o' 111, ...
+        assert!(!shown.contains("116"), "{shown}");
     }
 
     #[test]

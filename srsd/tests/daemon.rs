@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use postern_srsd::srs::{HashAlphabet, Srs};
+use postern_srsd::srs::{HashAlphabet, Secret, Srs};
 
 const BIN: &str = env!("CARGO_BIN_EXE_postern-srsd");
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -199,7 +199,7 @@ fn now() -> u64 {
 
 fn tops3cr3t(alphabet: HashAlphabet) -> Srs {
     Srs {
-        secrets: vec![b"tops3cr3t".to_vec()],
+        secrets: vec![Secret::new(b"tops3cr3t")],
         separator: '=',
         hash_length: 4,
         hash_minimum: 4,
@@ -295,7 +295,7 @@ fn both_protocols_answer_with_postsrsd_bytes() {
     );
     // The second secret verifies too (rotation): sign with it alone and reverse.
     let old = Srs {
-        secrets: vec![b"old secret".to_vec()],
+        secrets: vec![Secret::new(b"old secret")],
         ..tops3cr3t(HashAlphabet::Base64url)
     };
     let by_old = old.forward("x", "y.example", "example.com", now());
@@ -424,7 +424,7 @@ fn generated_secret_is_private_and_in_use() {
     assert!(first.starts_with("200 SRS0="), "{first}");
     // The generated secret is the one in use: the library signs the same with it.
     let ours = Srs {
-        secrets: vec![text.trim().as_bytes().to_vec()],
+        secrets: vec![Secret::new(text.trim().as_bytes())],
         ..tops3cr3t(HashAlphabet::Base64url)
     };
     let t = now();
@@ -613,7 +613,7 @@ fn database_mode_on_redis_uses_postsrsd_keys() {
     );
     let secret = std::fs::read_to_string(srsd.dir.path().join("state/srs.secret")).unwrap();
     let ours = Srs {
-        secrets: vec![secret.trim().as_bytes().to_vec()],
+        secrets: vec![Secret::new(secret.trim().as_bytes())],
         ..tops3cr3t(HashAlphabet::Base64url)
     };
     let srs = ours.forward(&their_key, "1", "example.com", now());
