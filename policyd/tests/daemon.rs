@@ -434,40 +434,6 @@ fn policy_context_selects_the_check() {
 }
 
 #[test]
-fn a_listener_that_cannot_bind_stops_the_start_before_any_listener_serves() {
-    let dir = tempfile::tempdir().unwrap();
-    let free = free_port();
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let taken_port = taken.local_addr().unwrap().port();
-    let config = dir.path().join("policyd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = \"{}\"\n[[listen]]\naddress = \"inet:127.0.0.1:{free}\"\n\
-             [[listen]]\naddress = \"inet:127.0.0.1:{taken_port}\"\n",
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
-    let output = Command::new(BIN)
-        .arg("-c")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{log}");
-    assert!(
-        log.contains(&format!("cannot listen on inet:127.0.0.1:{taken_port}")),
-        "{log}"
-    );
-    assert!(
-        !log.contains("listening"),
-        "a listener served before the start failed: {log}"
-    );
-}
-
-#[test]
 fn bad_input_closes_only_that_connection() {
     let daemon = Policyd::start_full(
         tempfile::tempdir().unwrap(),

@@ -650,38 +650,3 @@ fn one_worker_thread_by_default_and_as_configured() {
     let srsd = Srsd::start("worker_threads = 3\n");
     assert_eq!(worker_threads(srsd.child.id()), 3);
 }
-
-#[test]
-fn a_listener_that_cannot_bind_stops_the_start_before_any_listener_serves() {
-    let dir = tempfile::tempdir().unwrap();
-    let (forward, reverse) = (free_port(), free_port());
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let taken_port = taken.local_addr().unwrap().port();
-    let config = dir.path().join("srsd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = \"{}\"\nsrs_domain = \"example.com\"\n\
-             forward_listen = \"inet:127.0.0.1:{forward}\"\nreverse_listen = \"inet:127.0.0.1:{reverse}\"\n\
-             socketmap_listen = \"inet:127.0.0.1:{taken_port}\"\n",
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
-    let output = Command::new(BIN)
-        .arg("-c")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{log}");
-    assert!(
-        log.contains(&format!("cannot listen on inet:127.0.0.1:{taken_port}")),
-        "{log}"
-    );
-    assert!(
-        !log.contains("listening"),
-        "a listener served before the start failed: {log}"
-    );
-}

@@ -518,3 +518,49 @@ fn policyd_spf_import_converts_a_policyd_spf_conf() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("helo_reject"), "{out}");
 }
+
+#[test]
+fn a_listener_that_cannot_bind_stops_the_start_before_any_listener_serves() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().port();
+    let (first, second) = (free_port(), free_port());
+    let configs = [
+        (
+            "policyd",
+            format!(
+                "[[listen]]\naddress = \"inet:127.0.0.1:{first}\"\n\
+                 [[listen]]\naddress = \"inet:127.0.0.1:{taken}\"\n"
+            ),
+        ),
+        (
+            "srsd",
+            format!(
+                "srs_domain = \"fwd.example\"\nforward_listen = \"inet:127.0.0.1:{first}\"\n\
+                 reverse_listen = \"inet:127.0.0.1:{second}\"\n\
+                 socketmap_listen = \"inet:127.0.0.1:{taken}\"\n"
+            ),
+        ),
+    ];
+    for (daemon, listeners) in configs {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"{}\"\n{listeners}",
+                dir.path().join("state").display()
+            ),
+        )
+        .unwrap();
+        let (code, log) = run(daemon, &["-c", config.to_str().unwrap()]);
+        assert_ne!(code, 0, "{daemon}: {log}");
+        assert!(
+            log.contains(&format!("cannot listen on inet:127.0.0.1:{taken}")),
+            "{daemon}: {log}"
+        );
+        assert!(
+            !log.contains("listening"),
+            "{daemon}: a listener served before the start failed: {log}"
+        );
+    }
+}
