@@ -1,6 +1,8 @@
 //! Postfix socketmap_table(5): requests and replies are netstrings (`LEN:DATA,`); a request is
 //! `NAME KEY`, a reply `OK VALUE`, `NOTFOUND REASON`, `TEMP REASON`, `PERM REASON`.
 
+use std::io::Write as _;
+
 use bytes::{Buf, BytesMut};
 use tokio_util::codec::Decoder;
 
@@ -38,17 +40,25 @@ pub enum Reply {
 impl Reply {
     /// The reply netstring.
     pub fn encode(&self) -> Vec<u8> {
-        let payload = match self {
-            Self::Ok(value) => format!("OK {value}"),
-            Self::NotFound(reason) => format!("NOTFOUND {reason}"),
-            Self::Temp(reason) => format!("TEMP {reason}"),
-            Self::Perm(reason) => format!("PERM {reason}"),
+        let (status, text) = match self {
+            Self::Ok(value) => ("OK ", value),
+            Self::NotFound(reason) => ("NOTFOUND ", reason),
+            Self::Temp(reason) => ("TEMP ", reason),
+            Self::Perm(reason) => ("PERM ", reason),
         };
-        if payload.len() > MAX_NETSTRING_BYTES {
+        let len = status.len() + text.len();
+        if len > MAX_NETSTRING_BYTES {
             // Postfix would drop the connection on a reply over its socketmap_max_reply.
             return encode_netstring(b"PERM Too big.");
         }
-        encode_netstring(payload.as_bytes())
+        // Built in one buffer: this runs once per lookup.
+        let mut out = Vec::with_capacity(len + 8);
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "{len}:");
+        out.extend_from_slice(status.as_bytes());
+        out.extend_from_slice(text.as_bytes());
+        out.push(b',');
+        out
     }
 }
 
