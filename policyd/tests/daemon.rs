@@ -75,8 +75,7 @@ impl Policyd {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        // Listeners bind one after another, so a test that uses a second one must not start
-        // before that one is up too.
+        // A test may talk to any of the listeners: wait for each.
         for port in listener_ports(&std::fs::read_to_string(&config).unwrap()) {
             while TcpStream::connect(("127.0.0.1", port)).is_err() {
                 if let Some(status) = daemon.child.try_wait().unwrap() {

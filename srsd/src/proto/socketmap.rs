@@ -46,26 +46,28 @@ impl Reply {
             Self::Temp(reason) => ("TEMP ", reason),
             Self::Perm(reason) => ("PERM ", reason),
         };
-        let len = status.len() + text.len();
-        if len > MAX_NETSTRING_BYTES {
+        if status.len() + text.len() > MAX_NETSTRING_BYTES {
             // Postfix would drop the connection on a reply over its socketmap_max_reply.
             return encode_netstring(b"PERM Too big.");
         }
-        // Built in one buffer: this runs once per lookup.
-        let mut out = Vec::with_capacity(len + 8);
-        // Writing to a Vec cannot fail.
-        let _ = write!(out, "{len}:");
-        out.extend_from_slice(status.as_bytes());
-        out.extend_from_slice(text.as_bytes());
-        out.push(b',');
-        out
+        netstring_of(&[status.as_bytes(), text.as_bytes()])
     }
 }
 
 /// `LEN:DATA,`.
 pub fn encode_netstring(data: &[u8]) -> Vec<u8> {
-    let mut out = format!("{}:", data.len()).into_bytes();
-    out.extend_from_slice(data);
+    netstring_of(&[data])
+}
+
+/// The netstring of `parts` joined, built in one buffer (a reply is `STATUS ` and a text).
+fn netstring_of(parts: &[&[u8]]) -> Vec<u8> {
+    let len: usize = parts.iter().map(|part| part.len()).sum();
+    let mut out = Vec::with_capacity(len + 8);
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "{len}:");
+    for part in parts {
+        out.extend_from_slice(part);
+    }
     out.push(b',');
     out
 }
