@@ -142,6 +142,41 @@ impl fmt::Display for PeerAddr {
     }
 }
 
+/// A listener that could not be bound, named as the config names it.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {spec}: {source}")]
+pub struct BindError {
+    /// The address, in Postfix's notation.
+    pub spec: String,
+    /// Why.
+    #[source]
+    pub source: io::Error,
+}
+
+/// Binds every spec, in order, before any is served: a daemon whose second listener cannot be
+/// bound stops before its first answers anyone, and once one answers, all do. On an error the
+/// listeners bound so far are dropped (closed, their Unix socket files removed).
+pub async fn bind_all<'a>(
+    specs: impl IntoIterator<Item = &'a ListenSpec>,
+    unix_mode: u32,
+) -> Result<Vec<Listener>, BindError> {
+    let mut bound = Vec::new();
+    for spec in specs {
+        bound.push(bind_named(spec, unix_mode).await?);
+    }
+    Ok(bound)
+}
+
+/// [`Listener::bind`], its error naming `spec`.
+pub async fn bind_named(spec: &ListenSpec, unix_mode: u32) -> Result<Listener, BindError> {
+    Listener::bind(spec, unix_mode)
+        .await
+        .map_err(|source| BindError {
+            spec: spec.to_string(),
+            source,
+        })
+}
+
 /// A bound listening socket.
 #[derive(Debug)]
 pub enum Listener {
@@ -405,6 +440,28 @@ mod tests {
         }
         let spec: ListenSpec = "inet:8891@127.0.0.1".parse().unwrap();
         assert_eq!(spec.to_string(), "inet:127.0.0.1:8891");
+    }
+
+    #[tokio::test]
+    async fn bind_all_names_the_listener_that_failed_and_keeps_none_of_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = ListenSpec::Unix {
+            path: dir.path().join("first.sock"),
+        };
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let second = inet("127.0.0.1", taken.local_addr().unwrap().port());
+        let err = bind_all([&first, &second], 0o660).await.unwrap_err();
+        assert_eq!(err.spec, second.to_string());
+        assert!(
+            err.to_string()
+                .starts_with(&format!("cannot listen on {second}: ")),
+            "{err}"
+        );
+        assert!(!dir.path().join("first.sock").exists());
+        let both = bind_all([&first, &inet("127.0.0.1", 0)], 0o660)
+            .await
+            .unwrap();
+        assert_eq!(both.len(), 2);
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use mail_auth::{AuthenticatedMessage, MessageAuthenticator};
 use postern_common::config::ConfigError;
 use postern_common::daemon::{Daemon, DaemonContext};
-use postern_common::listen::Listener;
+use postern_common::listen::{self, Listener};
 use postern_common::serve::ServeOptions;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -658,9 +658,7 @@ async fn finish_signing(
 /// Serves the milter protocol until shutdown.
 pub async fn run(ctx: DaemonContext<Milter>) -> anyhow::Result<()> {
     let config = ctx.config.clone();
-    let listener = Listener::bind(&config.listen, config.socket_mode_bits()?)
-        .await
-        .map_err(|err| anyhow::anyhow!("cannot listen on {}: {err}", config.listen))?;
+    let listener = listen::bind_named(&config.listen, config.socket_mode_bits()?).await?;
     let recorder = if config.dmarc.enabled && config.dmarc.reports.enabled {
         Some(Arc::new(
             Recorder::open(&config.dmarc.reports, &config.state_dir).await,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use postern_common::config::ConfigError;
 use postern_common::daemon::{Daemon, DaemonContext};
-use postern_common::listen::{Listener, PeerAddr};
+use postern_common::listen::{self, PeerAddr};
 use postern_common::serve::{self, NextFrame, ServeOptions};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -204,19 +204,9 @@ pub async fn run(ctx: DaemonContext<Policyd>) -> anyhow::Result<()> {
         idle_timeout: config.idle_timeout.get(),
         ..ServeOptions::default()
     };
-    // Every listener is bound before any serves: one that cannot bind stops the start
-    // before a request is answered, and once one port answers, all do.
-    let mut bound = Vec::with_capacity(config.listen.len());
-    for listener_config in &config.listen {
-        let listener = Listener::bind(&listener_config.address, mode)
-            .await
-            .map_err(|err| {
-                anyhow::anyhow!("cannot listen on {}: {err}", listener_config.address)
-            })?;
-        bound.push((listener, listener_config));
-    }
+    let listeners = listen::bind_all(config.listen.iter().map(|l| &l.address), mode).await?;
     let mut tasks = tokio::task::JoinSet::new();
-    for (listener, listener_config) in bound {
+    for (listener, listener_config) in listeners.into_iter().zip(&config.listen) {
         let checks: Arc<[Check]> = listener_config.checks.clone().into();
         let live = ctx.live.clone();
         tasks.spawn(serve::serve(

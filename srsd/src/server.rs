@@ -8,7 +8,7 @@ use std::time::Duration;
 use postern_common::clock::{Clock, SystemClock};
 use postern_common::config::ConfigError;
 use postern_common::daemon::{Daemon, DaemonContext};
-use postern_common::listen::{ListenSpec, Listener};
+use postern_common::listen::{self, ListenSpec};
 use postern_common::secret;
 use postern_common::serve::{self, Connection, NextFrame, ServeOptions};
 use tokio::io::AsyncWriteExt;
@@ -340,31 +340,23 @@ pub async fn run(ctx: DaemonContext<Srsd>) -> anyhow::Result<()> {
         idle_timeout: config.idle_timeout.get(),
         ..ServeOptions::default()
     };
-    async fn bind(spec: &ListenSpec, mode: u32) -> anyhow::Result<Listener> {
-        Listener::bind(spec, mode)
-            .await
-            .map_err(|err| anyhow::anyhow!("cannot listen on {spec}: {err}"))
-    }
     if let Some(path) = &ctx.live.borrow().generated_secret {
         info!(file = %path.display(), "generated a new SRS secret; keep it (and back it up) so that addresses in flight keep reversing");
     }
-    // Every listener is bound before any serves: one that cannot bind stops the start
-    // before a lookup is answered, and once one port answers, all do.
-    let mut tcp_tables = Vec::new();
-    for (spec, direction) in [
+    let tcp_tables: Vec<(&ListenSpec, Direction)> = [
         (&config.forward_listen, Direction::Forward),
         (&config.reverse_listen, Direction::Reverse),
-    ] {
-        if let Some(spec) = spec {
-            tcp_tables.push((bind(spec, mode).await?, direction));
-        }
-    }
-    let socketmap = match &config.socketmap_listen {
-        Some(spec) => Some(bind(spec, mode).await?),
-        None => None,
-    };
+    ]
+    .into_iter()
+    .filter_map(|(spec, direction)| Some((spec.as_ref()?, direction)))
+    .collect();
+    let specs = tcp_tables.iter().map(|(spec, _)| *spec);
+    let mut listeners = listen::bind_all(specs.chain(&config.socketmap_listen), mode)
+        .await?
+        .into_iter();
     let mut tasks = tokio::task::JoinSet::new();
-    for (listener, direction) in tcp_tables {
+    // tcp_tables first: zip stops at its end without taking another listener.
+    for (&(_, direction), listener) in tcp_tables.iter().zip(listeners.by_ref()) {
         let live = ctx.live.clone();
         tasks.spawn(serve::serve(
             listener,
@@ -373,7 +365,8 @@ pub async fn run(ctx: DaemonContext<Srsd>) -> anyhow::Result<()> {
             move |conn| serve_tcp_table(conn, live.clone(), direction),
         ));
     }
-    if let Some(listener) = socketmap {
+    // What is left is the socketmap listener, if configured.
+    if let Some(listener) = listeners.next() {
         let live = ctx.live.clone();
         tasks.spawn(serve::serve(
             listener,
