@@ -235,6 +235,9 @@ pub async fn run(ctx: DaemonContext<Policyd>) -> anyhow::Result<()> {
     while let Some(result) = tasks.join_next().await {
         result??;
     }
+    // Every connection is done: what the greylist answered is committed before the exit.
+    let policyd = ctx.live.borrow().clone();
+    policyd.greylist.close().await;
     Ok(())
 }
 

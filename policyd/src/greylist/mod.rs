@@ -224,6 +224,13 @@ impl Backend {
             StoreUrl::Memory => Self::Memory(MemoryStore::default()),
         })
     }
+
+    /// Commits what the store still holds in flight (SQLite answers before its commit).
+    pub async fn close(&self) {
+        if let Self::Sqlite(sqlite) = self {
+            sqlite.close().await;
+        }
+    }
 }
 
 impl Store for Backend {
@@ -362,6 +369,14 @@ impl Greylist {
                 Ok(backend)
             })
             .await
+    }
+
+    /// Closes the store if it was opened: at shutdown, so that nothing answered is left
+    /// uncommitted.
+    pub async fn close(&self) {
+        if let Some(backend) = self.backend.get() {
+            backend.close().await;
+        }
     }
 
     /// Decides one request at the clock's time (or `policy_test_time`).

@@ -1,10 +1,11 @@
 //! The embedded store: one SQLite file in WAL mode. Requests are group committed: one thread
 //! owns the writing connection, takes every request waiting at that moment, reads the rows the
 //! batch needs that its row cache does not hold, applies postgrey's rules to the batch in
-//! memory (the pure functions of `logic`), writes the changed rows in one transaction and
-//! answers each request once that transaction is committed. Under load a commit is shared by
-//! the whole batch; an idle store answers a lone request at once. Expiry deletes in small
-//! indexed batches between transactions.
+//! memory (the pure functions of `logic`), answers each request, and writes the changed rows in
+//! one transaction (see [`run_batch`] for why the answer comes before the commit, and what
+//! happens when a commit fails). Under load a commit is shared by the whole batch; an idle
+//! store answers a lone request at once. Expiry deletes in small indexed batches between
+//! transactions.
 //!
 //! The writing connection is rusqlite's, on a thread of its own, not an sqlx connection: sqlx
 //! runs every SQLite connection on a thread of its own anyway and hands each statement and each
@@ -116,8 +117,22 @@ impl SqliteStore {
         Ok(Self { pool, jobs, cache })
     }
 
-    /// Closes the pool (checkpointing the WAL).
+    /// Waits until every request queued so far is committed (answers may come before their
+    /// commit, see [`run_batch`]).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (reply, done) = oneshot::channel();
+        self.jobs
+            .send(Job::Flush(reply))
+            .await
+            .map_err(|_| StoreError::WorkerGone)?;
+        done.await.map_err(|_| StoreError::WorkerGone)
+    }
+
+    /// Commits what is queued, then closes the pool (checkpointing the WAL).
     pub async fn close(&self) {
+        if let Err(err) = self.flush().await {
+            warn!(error = %err, "greylist store closing: queued requests not flushed");
+        }
         self.pool.close().await;
     }
 }
@@ -133,6 +148,8 @@ enum Job {
         batch: u32,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    /// Answered once the steps queued before it are committed.
+    Flush(oneshot::Sender<()>),
 }
 
 /// How long a statement waits for a lock another connection holds (a checkpoint, an admin
@@ -163,42 +180,67 @@ fn group_commit_worker(
     cache: &Mutex<RowCache>,
 ) {
     let mut steps = Vec::new();
-    let mut expiries = Vec::new();
+    let mut others = Vec::new();
+    let mut flushes = Vec::new();
+    let mut answer_first = true;
     while let Some(job) = queue.blocking_recv() {
-        sort_job(job, &mut steps, &mut expiries);
-        take_waiting(&mut queue, &mut steps, &mut expiries);
+        sort_job(job, &mut steps, &mut others);
+        take_waiting(&mut queue, &mut steps, &mut others);
         // Expiry waits for no quiet moment (under steady load there may be none): one expiry
         // step runs between two batches.
-        for job in expiries.drain(..) {
-            if let Job::Expire {
-                cutoff,
-                batch,
-                reply,
-            } = job
-            {
-                // Rows last seen before the cutoff may be cached (a client read for its AWL
-                // count); they are gone from the database now.
-                lock(cache).forget_older_than(cutoff);
-                let _ = reply.send(expire_batch(&conn, cutoff, batch));
+        for job in others.drain(..) {
+            match job {
+                Job::Expire {
+                    cutoff,
+                    batch,
+                    reply,
+                } => {
+                    // Rows last seen before the cutoff may be cached (a client read for its
+                    // AWL count); they are gone from the database now.
+                    lock(cache).forget_older_than(cutoff);
+                    let _ = reply.send(expire_batch(&conn, cutoff, batch));
+                }
+                Job::Flush(reply) => flushes.push(reply),
+                Job::Step(_) => {}
             }
         }
         if !steps.is_empty() {
-            run_batch(&conn, cache, std::mem::take(&mut steps));
+            run_batch(&conn, cache, std::mem::take(&mut steps), &mut answer_first);
+        }
+        // Steps queued before a flush were taken with it, or in an earlier round.
+        for reply in flushes.drain(..) {
+            let _ = reply.send(());
         }
     }
 }
 
 /// Reads, decides, writes and answers one batch.
-fn run_batch(conn: &rusqlite::Connection, cache: &Mutex<RowCache>, jobs: Vec<StepJob>) {
+///
+/// While commits succeed, a batch is answered as soon as it is decided, before its commit:
+/// the commit was half of the time a request waited. Later batches are decided on the cached
+/// rows, so they see what this one decided whether or not its commit is done. A crash in
+/// between forgets those first sightings, as a lost commit with `synchronous = NORMAL` could:
+/// such a sender is greylisted once more. Once a commit fails, `answer_first` is cleared and
+/// batches are answered only when committed, so that while the database cannot be written
+/// every request gets the fallback answer (a failed batch) rather than a decision that is not
+/// stored; the first commit that succeeds sets it again.
+fn run_batch(
+    conn: &rusqlite::Connection,
+    cache: &Mutex<RowCache>,
+    jobs: Vec<StepJob>,
+    answer_first: &mut bool,
+) {
     metrics::histogram!("postern_policyd_greylist_batch_requests").record(jobs.len() as f64);
     let batch: Vec<&GreylistStep> = jobs.iter().map(|job| &job.step).collect();
     let decided = (|| {
         // The reads share one read transaction: each statement outside one would be a
         // transaction of its own, with its own round of file locks (about four fcntl calls).
-        // The write lock is taken only for the writes, so that a checkpoint waiting for it
-        // (common::sqlite) finds it free between two batches' writes. This thread is the only
-        // writer in the process, so deciding on what it read before is safe; a change another
-        // process makes in between (an admin `delete`) can be overwritten, as with a cached row.
+        // The write lock is taken only for the writes: a checkpoint that waits for it
+        // (common::sqlite) must find it free often enough under steady load, and with the
+        // reads inside the write transaction it was so rarely free that the log outgrew its
+        // bound. This thread is the only writer in the process, so deciding on what it read
+        // before is safe; a change another process makes in between (an admin `delete`) can
+        // be overwritten, as with a cached row.
         let plan = ReadPlan::new(&lock(cache), &batch);
         let rows = if plan.is_empty() {
             ReadRows::default()
@@ -208,56 +250,85 @@ fn run_batch(conn: &rusqlite::Connection, cache: &Mutex<RowCache>, jobs: Vec<Ste
             read.commit()?;
             rows
         };
-        let Decision { outcomes, write } = decide(&mut lock(cache), &batch, plan, rows);
-        if !write.is_empty() {
-            // IMMEDIATE takes the write lock at once, so a database busy with another
-            // connection (a checkpoint, an admin command) is waited for (busy timeout) before
-            // anything is written. A transaction dropped before its commit rolls back.
-            let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-            write_rows(&tx, &write)?;
-            tx.commit()?;
-        }
-        Ok::<_, rusqlite::Error>(outcomes)
+        Ok::<_, rusqlite::Error>(decide(&mut lock(cache), &batch, plan, rows))
     })();
     drop(batch);
-    match decided {
-        Ok(outcomes) => {
-            for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                // The requester may have timed out meanwhile; its rows are written anyway.
-                let _ = job.reply.send(Ok(outcome));
-            }
-        }
-        Err(err) => {
+    let Decision { outcomes, write } = match decided {
+        Ok(decision) => decision,
+        Err(err) => return fail_batch(cache, jobs, &err),
+    };
+    if write.is_empty() {
+        return answer_batch(jobs, outcomes);
+    }
+    if *answer_first {
+        answer_batch(jobs, outcomes);
+        if let Err(err) = commit_rows(conn, &write) {
             // What was committed is not known: forget what the cache holds.
             lock(cache).clear();
-            let message = err.to_string();
-            warn!(requests = jobs.len(), error = %message, "greylist batch failed");
-            for job in jobs {
-                let _ = job.reply.send(Err(StoreError::Batch(message.clone())));
-            }
+            *answer_first = false;
+            warn!(
+                triplets = write.triplets.len(),
+                clients = write.clients.len(),
+                error = %err,
+                "greylist commit failed after its requests were answered; their rows are lost, \
+                 and requests are answered after their commit until one succeeds"
+            );
         }
+        return;
+    }
+    match commit_rows(conn, &write) {
+        Ok(()) => {
+            *answer_first = true;
+            answer_batch(jobs, outcomes);
+        }
+        Err(err) => fail_batch(cache, jobs, &err),
+    }
+}
+
+/// Writes a batch's rows in one transaction.
+fn commit_rows(conn: &rusqlite::Connection, write: &WriteRows) -> Result<(), rusqlite::Error> {
+    // IMMEDIATE takes the write lock at once, so a database busy with another connection (a
+    // checkpoint, an admin command) is waited for (busy timeout) before anything is written.
+    // A transaction dropped before its commit rolls back.
+    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    write_rows(&tx, write)?;
+    tx.commit()
+}
+
+fn answer_batch(jobs: Vec<StepJob>, outcomes: Vec<StepOutcome>) {
+    for (job, outcome) in jobs.into_iter().zip(outcomes) {
+        // The requester may have timed out meanwhile; its rows are written anyway.
+        let _ = job.reply.send(Ok(outcome));
+    }
+}
+
+/// Answers each request of a batch that failed with the error (the caller answers with its
+/// fallback action).
+fn fail_batch(cache: &Mutex<RowCache>, jobs: Vec<StepJob>, err: &rusqlite::Error) {
+    // What was committed is not known: forget what the cache holds.
+    lock(cache).clear();
+    let message = err.to_string();
+    warn!(requests = jobs.len(), error = %message, "greylist batch failed");
+    for job in jobs {
+        let _ = job.reply.send(Err(StoreError::Batch(message.clone())));
     }
 }
 
 /// Queues a job for this round.
-fn sort_job(job: Job, steps: &mut Vec<StepJob>, expiries: &mut Vec<Job>) {
+fn sort_job(job: Job, steps: &mut Vec<StepJob>, later: &mut Vec<Job>) {
     match job {
         // A requester that gave up (store timeout) is not waited for.
         Job::Step(step) if step.reply.is_closed() => {}
         Job::Step(step) => steps.push(step),
-        Job::Expire { .. } => expiries.push(job),
+        Job::Expire { .. } | Job::Flush(_) => later.push(job),
     }
 }
 
 /// Takes what is waiting, up to a full batch.
-fn take_waiting(
-    queue: &mut mpsc::Receiver<Job>,
-    steps: &mut Vec<StepJob>,
-    expiries: &mut Vec<Job>,
-) {
+fn take_waiting(queue: &mut mpsc::Receiver<Job>, steps: &mut Vec<StepJob>, later: &mut Vec<Job>) {
     while steps.len() < MAX_BATCH {
         match queue.try_recv() {
-            Ok(job) => sort_job(job, steps, expiries),
+            Ok(job) => sort_job(job, steps, later),
             Err(_) => break,
         }
     }
@@ -734,6 +805,9 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, filter: &str, limit: u64) -> Result<Vec<Entry>, StoreError> {
+        // What this process has answered is listed (the admin commands of another process
+        // may see it one commit later).
+        self.flush().await?;
         let pattern = format!(
             "%{}%",
             filter
@@ -767,6 +841,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete(&self, kind: Kind, key: &str) -> Result<bool, StoreError> {
+        self.flush().await?;
         let sql = match kind {
             Kind::Triplet => "DELETE FROM triplets WHERE key = ?1",
             Kind::Client => "DELETE FROM clients WHERE key = ?1",
@@ -780,6 +855,7 @@ impl Store for SqliteStore {
     }
 
     async fn stats(&self, delay: u64) -> Result<Stats, StoreError> {
+        self.flush().await?;
         let row = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM triplets), \
                     (SELECT COUNT(*) FROM triplets WHERE last - first >= ?1), \
@@ -1161,6 +1237,63 @@ mod tests {
                 })
             }
         );
+    }
+
+    /// A commit that fails after its batch was answered loses that batch's rows (logged, and
+    /// the cache forgets them); from then on requests are answered after their commit, so
+    /// while writes fail each one gets the error (and the caller its fallback action), until
+    /// a commit succeeds.
+    #[tokio::test]
+    async fn after_a_failed_commit_requests_wait_for_their_commit_until_one_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = SqliteStore::open(&dir.path().join("g.sqlite"))
+            .await
+            .unwrap();
+        let new_at = |first| StepOutcome::Triplet {
+            seen: TripletSeen {
+                first,
+                last_was_successful: false,
+            },
+            client_bumped: None,
+        };
+        sqlx::query(
+            "CREATE TRIGGER full BEFORE INSERT ON triplets BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+        )
+        .execute(&sqlite.pool)
+        .await
+        .unwrap();
+        // Answered before its commit, which fails.
+        let lost = sqlite.greylist_step(&step("t1", "c1", 1000, 0)).await;
+        assert_eq!(lost.unwrap(), new_at(1000));
+        // Now answered after the commit: the error.
+        let err = sqlite
+            .greylist_step(&step("t2", "c2", 1000, 0))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Batch(ref m) if m.contains("disk full")),
+            "{err}"
+        );
+        sqlx::query("DROP TRIGGER full")
+            .execute(&sqlite.pool)
+            .await
+            .unwrap();
+        // t1 was not stored and is not cached: new again. This commit succeeds.
+        let again = sqlite.greylist_step(&step("t1", "c1", 1100, 0)).await;
+        assert_eq!(again.unwrap(), new_at(1100));
+        assert_eq!(sqlite.stats(300).await.unwrap().triplets, 1);
+        // Answered first again: t3 is in the store by the time a later request is answered.
+        sqlite
+            .greylist_step(&step("t3", "c3", 1100, 0))
+            .await
+            .unwrap();
+        sqlite
+            .greylist_step(&step("t4", "c4", 1100, 0))
+            .await
+            .unwrap();
+        let stored = sqlite.list("t", 10).await.unwrap();
+        let keys: Vec<&str> = stored.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"t1") && keys.contains(&"t3"), "{keys:?}");
     }
 
     /// Many requests at once: each gets its own triplet's answer, and requests for one triplet
