@@ -4,8 +4,8 @@
 //! memory (the pure functions of `logic`), answers each request, and writes the changed rows of
 //! the batches answered within a few milliseconds in one transaction (see [`run_batch`] for why
 //! the answer comes before the commit, [`COMMIT_WITHIN`] for the window, and what happens when
-//! a commit fails). An idle store answers a lone request at once. Expiry deletes in small indexed batches between
-//! transactions.
+//! a commit fails). An idle store answers a lone request at once. Expiry deletes in small
+//! indexed batches between transactions.
 //!
 //! The writing connection is rusqlite's, on a thread of its own, not an sqlx connection: sqlx
 //! runs every SQLite connection on a thread of its own anyway and hands each statement and each
