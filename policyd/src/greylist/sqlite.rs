@@ -221,15 +221,17 @@ fn group_commit_worker(
         round.sort(job);
         take_waiting(&mut queue, &mut round);
         // Expiry waits for no quiet moment (under steady load there may be none): one expiry
-        // step runs between two batches.
+        // step runs between two batches. Answered rows are written before the rows they may
+        // expire are deleted.
+        if !round.expiries.is_empty() {
+            commit_answered(&conn, cache, &mut uncommitted, &mut answer_first);
+        }
         for ExpireJob {
             cutoff,
             batch,
             reply,
         } in round.expiries.drain(..)
         {
-            // Answered rows are written before the rows they may expire are deleted.
-            commit_answered(&conn, cache, &mut uncommitted, &mut answer_first);
             // Rows last seen before the cutoff may be cached (a client read for its AWL
             // count); they are gone from the database now.
             lock(cache).forget_older_than(cutoff);
@@ -272,16 +274,17 @@ impl Uncommitted {
     }
 }
 
-/// How long the rows of an answered request wait at most for their commit, and how many
-/// requests' rows a commit takes at most. One commit per batch (about three requests at 8
+/// How long the rows of an answered request wait at most for their commit. One commit per batch (about three requests at 8
 /// connections) cost a third of the new-triplet rate: each writes the pages it changed into the
 /// WAL, one write call per page, and takes and drops the write lock. Gathered over a few
 /// milliseconds, the inserts of many requests share their pages and locks. A crash forgets at
 /// most this window of first sightings (those senders are greylisted once more), as a power
 /// loss with `synchronous = NORMAL` forgets the commits since the last checkpoint.
 const COMMIT_WITHIN: Duration = Duration::from_millis(5);
-/// Below [`CACHE_GENERATION`], so that every uncommitted row is still cached (a request deciding
-/// on the database alone would miss it).
+/// Requests whose rows wait for a commit that starts one at once, whatever the time. With the
+/// batch that crosses it (at most [`MAX_BATCH`] more), well below [`CACHE_GENERATION`], so that
+/// every uncommitted row is still cached (a request deciding on the database alone would miss
+/// it).
 const COMMIT_AFTER_STEPS: usize = 512;
 
 /// Commits the rows of answered requests, if any.
