@@ -446,10 +446,15 @@ impl Greylist {
             return Ok(Verdict::dunno("recipient whitelist"));
         }
 
-        // Store work, bounded as a whole.
-        let store = tokio::time::timeout(timeout, self.store())
-            .await
-            .map_err(|_| GreylistStoreError::Timeout(timeout))??;
+        // Store work, bounded as a whole. Opening happens once, and its future (a Redis
+        // connection's) is kilobytes: boxed, so that every later request neither carries it in
+        // its own state nor copies it into a timeout.
+        let store = match self.backend.get() {
+            Some(store) => store,
+            None => tokio::time::timeout(timeout, Box::pin(self.store()))
+                .await
+                .map_err(|_| GreylistStoreError::Timeout(timeout))??,
+        };
         let awl_key = logic::client_awl_key(ip, self.config.privacy);
         let keying = ClientKeying {
             ipv4_prefix: self.config.ipv4_cidr,

@@ -43,18 +43,13 @@ fn request(client: &str, sender: &str, recipient: &str, instance: &str) -> Polic
 }
 
 fn with(request: &PolicyRequest, name: &str, value: &str) -> PolicyRequest {
-    let mut pairs: Vec<(String, String)> = request
-        .attrs()
-        .iter()
-        .filter(|(n, _)| n != name)
-        .cloned()
-        .collect();
-    pairs.push((name.to_owned(), value.to_owned()));
+    let mut pairs: Vec<(&str, &str)> = request.attrs().filter(|(n, _)| *n != name).collect();
+    pairs.push((name, value));
     PolicyRequest::from_pairs(pairs)
 }
 
 fn without(request: &PolicyRequest, name: &str) -> PolicyRequest {
-    PolicyRequest::from_pairs(request.attrs().iter().filter(|(n, _)| n != name).cloned())
+    PolicyRequest::from_pairs(request.attrs().filter(|(n, _)| *n != name))
 }
 
 const DEFER: &str =
