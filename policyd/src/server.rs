@@ -8,7 +8,7 @@ use std::time::Duration;
 use postern_common::config::ConfigError;
 use postern_common::daemon::{Daemon, DaemonContext};
 use postern_common::listen::{self, PeerAddr};
-use postern_common::serve::{self, NextFrame, ServeOptions};
+use postern_common::serve::{self, FrameReader, NextFrame, ServeOptions};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio_util::codec::FramedRead;
@@ -150,23 +150,25 @@ fn action_verb(action: &str) -> String {
         .to_ascii_uppercase()
 }
 
-/// Answers requests from `reader` on `writer` until the client closes, goes idle, sends
-/// garbage, or the daemon shuts down.
-pub async fn handle_connection<R, W>(
-    reader: R,
-    mut writer: W,
+/// Answers requests from `stream` until the client closes, goes idle, sends garbage, or the
+/// daemon shuts down.
+pub async fn handle_connection<S>(
+    stream: S,
     live: watch::Receiver<Arc<Policyd>>,
     listener_checks: Arc<[Check]>,
     peer: &PeerAddr,
     idle: Duration,
     shutdown: &CancellationToken,
 ) where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut frames = FramedRead::new(reader, PolicyDecoder::default());
+    let mut requests = FrameReader::new(
+        FramedRead::new(stream, PolicyDecoder::default()),
+        idle,
+        shutdown,
+    );
     loop {
-        let request = match serve::next_frame(&mut frames, idle, shutdown).await {
+        let request = match requests.next().await {
             NextFrame::Frame(request) => request,
             NextFrame::Closed | NextFrame::Shutdown => return,
             NextFrame::Idle => {
@@ -183,9 +185,12 @@ pub async fn handle_connection<R, W>(
         let checks = checks_for(&request, &listener_checks);
         let reply = policyd.decide(&request, &checks).await;
         metrics::counter!("postern_policyd_requests_total").increment(1);
+        // One request at a time per connection, as Postfix asks: the answer goes out on the
+        // socket the request came from, with no split halves (and no lock between them).
+        let socket = requests.frames_mut().get_mut();
         if let Err(err) = async {
-            writer.write_all(&reply.encode()).await?;
-            writer.flush().await
+            socket.write_all(&reply.encode()).await?;
+            socket.flush().await
         }
         .await
         {
@@ -217,10 +222,8 @@ pub async fn run(ctx: DaemonContext<Policyd>) -> anyhow::Result<()> {
                 let live = live.clone();
                 let checks = checks.clone();
                 async move {
-                    let (reader, writer) = tokio::io::split(conn.stream);
                     handle_connection(
-                        reader,
-                        writer,
+                        conn.stream,
                         live,
                         checks,
                         &conn.peer,
@@ -408,8 +411,7 @@ mod syslog {
 pub async fn run_stdio(ctx: DaemonContext<Policyd>) -> anyhow::Result<()> {
     let idle = ctx.config.idle_timeout.get();
     handle_connection(
-        tokio::io::stdin(),
-        tokio::io::stdout(),
+        tokio::io::join(tokio::io::stdin(), tokio::io::stdout()),
         ctx.live,
         vec![Check::Spf].into(),
         &PeerAddr::Unix,
@@ -434,14 +436,12 @@ mod tests {
 
     async fn exchange(input: &[u8]) -> Vec<u8> {
         let (client, server) = tokio::io::duplex(1 << 20);
-        let (server_read, server_write) = tokio::io::split(server);
         let (mut client_read, mut client_write) = tokio::io::split(client);
         client_write.write_all(input).await.unwrap();
         client_write.shutdown().await.unwrap();
         let shutdown = CancellationToken::new();
         handle_connection(
-            server_read,
-            server_write,
+            server,
             live(),
             vec![Check::Greylist].into(),
             &PeerAddr::Unix,
@@ -472,12 +472,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn silent_client_is_dropped_after_idle_timeout() {
         let (_client, server) = tokio::io::duplex(1024);
-        let (r, w) = tokio::io::split(server);
         let shutdown = CancellationToken::new();
         let started = tokio::time::Instant::now();
         handle_connection(
-            r,
-            w,
+            server,
             live(),
             vec![Check::Greylist].into(),
             &PeerAddr::Unix,

@@ -10,7 +10,7 @@ use postern_common::config::ConfigError;
 use postern_common::daemon::{Daemon, DaemonContext};
 use postern_common::listen::{self, ListenSpec};
 use postern_common::secret;
-use postern_common::serve::{self, Connection, NextFrame, ServeOptions};
+use postern_common::serve::{self, Connection, FrameReader, NextFrame, ServeOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio_util::codec::FramedRead;
@@ -229,10 +229,10 @@ impl Srsd {
 async fn serve_tcp_table(conn: Connection, live: watch::Receiver<Arc<Srsd>>, direction: Direction) {
     // Formatted once: every rewrite logs it.
     let peer = conn.peer.to_string();
-    let (reader, mut writer) = tokio::io::split(conn.stream);
-    let mut frames = FramedRead::new(reader, tcp_table::TcpTableDecoder::default());
+    let frames = FramedRead::new(conn.stream, tcp_table::TcpTableDecoder::default());
+    let mut requests = FrameReader::new(frames, conn.idle_timeout, &conn.shutdown);
     loop {
-        let reply = match serve::next_frame(&mut frames, conn.idle_timeout, &conn.shutdown).await {
+        let reply = match requests.next().await {
             NextFrame::Frame(tcp_table::Request::Get(key)) => {
                 let srsd = live.borrow().clone();
                 match srsd
@@ -256,7 +256,9 @@ async fn serve_tcp_table(conn: Connection, live: watch::Receiver<Arc<Srsd>>, dir
             NextFrame::Error(err) => {
                 warn!(%peer, error = %err, "bad tcp_table input; closing connection");
                 if err.wants_reply() {
-                    let _ = writer
+                    let _ = requests
+                        .frames_mut()
+                        .get_mut()
                         .write_all(&tcp_table::Reply::Error(err.to_string()).encode())
                         .await;
                 }
@@ -268,7 +270,13 @@ async fn serve_tcp_table(conn: Connection, live: watch::Receiver<Arc<Srsd>>, dir
             }
             NextFrame::Closed | NextFrame::Shutdown => return,
         };
-        if writer.write_all(&reply.encode()).await.is_err() {
+        if requests
+            .frames_mut()
+            .get_mut()
+            .write_all(&reply.encode())
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -277,10 +285,10 @@ async fn serve_tcp_table(conn: Connection, live: watch::Receiver<Arc<Srsd>>, dir
 async fn serve_socketmap(conn: Connection, live: watch::Receiver<Arc<Srsd>>) {
     // Formatted once: every rewrite logs it.
     let peer = conn.peer.to_string();
-    let (reader, mut writer) = tokio::io::split(conn.stream);
-    let mut frames = FramedRead::new(reader, socketmap::SocketmapDecoder);
+    let frames = FramedRead::new(conn.stream, socketmap::SocketmapDecoder);
+    let mut requests = FrameReader::new(frames, conn.idle_timeout, &conn.shutdown);
     loop {
-        let reply = match serve::next_frame(&mut frames, conn.idle_timeout, &conn.shutdown).await {
+        let reply = match requests.next().await {
             NextFrame::Frame(socketmap::Request::Lookup { map, key }) => {
                 let direction = match map.as_str() {
                     "forward" => Some(Direction::Forward),
@@ -313,7 +321,9 @@ async fn serve_socketmap(conn: Connection, live: watch::Receiver<Arc<Srsd>>) {
             NextFrame::Error(err) => {
                 warn!(%peer, error = %err, "bad socketmap input; closing connection");
                 if err.wants_reply() {
-                    let _ = writer
+                    let _ = requests
+                        .frames_mut()
+                        .get_mut()
                         .write_all(&socketmap::Reply::Perm(err.to_string()).encode())
                         .await;
                 }
@@ -325,7 +335,13 @@ async fn serve_socketmap(conn: Connection, live: watch::Receiver<Arc<Srsd>>) {
             }
             NextFrame::Closed | NextFrame::Shutdown => return,
         };
-        if writer.write_all(&reply.encode()).await.is_err() {
+        if requests
+            .frames_mut()
+            .get_mut()
+            .write_all(&reply.encode())
+            .await
+            .is_err()
+        {
             return;
         }
     }
