@@ -14,12 +14,15 @@
 //! wake-up of the writer and plain function calls into SQLite. The admin commands, imports and
 //! WAL checkpoints keep sqlx's pool: they are not on the request path.
 
-use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+// The writer hashes every key of a batch several times over (cache, plan, decision); SipHash
+// was a tenth of its time. foldhash is randomly seeded per process, and the maps it backs are
+// bounded (a batch, a cache generation of CACHE_GENERATION keys).
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use postern_common::sqlite::{Checkpoints, JOURNAL_SIZE_LIMIT};
 use rusqlite::{OptionalExtension, TransactionBehavior};
 use sqlx::Row;
@@ -294,6 +297,7 @@ fn commit_answered(
     uncommitted: &mut Uncommitted,
     answer_first: &mut bool,
 ) {
+    end_reads(conn);
     let Uncommitted { rows, steps, .. } = std::mem::take(uncommitted);
     if rows.is_empty() {
         return;
@@ -331,22 +335,12 @@ fn run_batch(
     metrics::histogram!("postern_policyd_greylist_batch_requests").record(jobs.len() as f64);
     let batch: Vec<&GreylistStep> = jobs.iter().map(|job| &job.step).collect();
     let decided = (|| {
-        // The reads share one read transaction: each statement outside one would be a
-        // transaction of its own, with its own round of file locks (about four fcntl calls).
-        // The write lock is taken only for the writes: a checkpoint that waits for it
-        // (common::sqlite) must find it free often enough under steady load, and with the
-        // reads inside the write transaction it was so rarely free that the log outgrew its
-        // bound. This thread is the only writer in the process, so deciding on what it read
-        // before is safe; a change another process makes in between (an admin `delete`) can
-        // be overwritten, as with a cached row.
         let plan = ReadPlan::new(&lock(cache), &batch);
         let rows = if plan.is_empty() {
             ReadRows::default()
         } else {
-            let read = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Deferred)?;
-            let rows = plan.read(&read)?;
-            read.commit()?;
-            rows
+            begin_reads(conn)?;
+            plan.read(conn)?
         };
         Ok::<_, rusqlite::Error>(decide(&mut lock(cache), &batch, plan, rows))
     })();
@@ -360,6 +354,9 @@ fn run_batch(
         }
     };
     if write.is_empty() {
+        if uncommitted.due.is_none() {
+            end_reads(conn);
+        }
         return answer_batch(jobs, outcomes);
     }
     if *answer_first {
@@ -370,12 +367,47 @@ fn run_batch(
             .get_or_insert_with(|| std::time::Instant::now() + COMMIT_WITHIN);
         return answer_batch(jobs, outcomes);
     }
+    end_reads(conn);
     match commit_rows(conn, &write) {
         Ok(()) => {
             *answer_first = true;
             answer_batch(jobs, outcomes);
         }
         Err(err) => fail_batch(cache, jobs, &err),
+    }
+}
+
+/// Begins the read transaction that the batches of a commit window share, unless one is open.
+///
+/// Reads outside a transaction would each be a transaction of their own, and each transaction
+/// takes and drops its read lock with a round of file locks (about four fcntl calls, more than a
+/// microsecond each). A transaction per batch (about four requests at 8 connections) still cost
+/// a lock round per batch; shared by the window's batches, it costs one per commit. It is ended
+/// ([`end_reads`]) before every write transaction, expiry step and flush, and whenever no rows
+/// wait for a commit, so it lives at most [`COMMIT_WITHIN`] and a checkpoint that waits for
+/// readers (common::sqlite) waits no longer than that. The write lock is taken only for the
+/// writes: with the reads inside the write transaction it was so rarely free that the log
+/// outgrew its bound. This thread is the only writer in the process, so deciding on what it
+/// read before is safe; a change another process makes meanwhile (an admin `delete`) can be
+/// overwritten, as with a cached row.
+fn begin_reads(conn: &rusqlite::Connection) -> Result<(), rusqlite::Error> {
+    if conn.is_autocommit() {
+        conn.prepare_cached("BEGIN DEFERRED")?.execute([])?;
+    }
+    Ok(())
+}
+
+/// Ends the shared read transaction, if one is open. It wrote nothing, so a commit that fails
+/// is rolled back instead and nothing is lost.
+fn end_reads(conn: &rusqlite::Connection) {
+    if conn.is_autocommit() {
+        return;
+    }
+    let ended = conn
+        .prepare_cached("COMMIT")
+        .and_then(|mut commit| commit.execute([]));
+    if ended.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
     }
 }
 
@@ -953,12 +985,15 @@ impl Store for SqliteStore {
             Kind::Triplet => "DELETE FROM triplets WHERE key = ?1",
             Kind::Client => "DELETE FROM clients WHERE key = ?1",
         };
-        Ok(sqlx::query(sql)
+        let deleted = sqlx::query(sql)
             .bind(key)
             .execute(&self.pool)
             .await?
             .rows_affected()
-            > 0)
+            > 0;
+        // The writer's read window may predate the delete: ended, so the next request sees it.
+        self.flush().await?;
+        Ok(deleted)
     }
 
     async fn stats(&self, delay: u64) -> Result<Stats, StoreError> {
@@ -1002,6 +1037,8 @@ impl Store for SqliteStore {
                 .await?;
         }
         tx.commit().await?;
+        // The writer's read window may predate the import: ended, so the next request sees it.
+        self.flush().await?;
         Ok(entries.len() as u64)
     }
 }
@@ -1434,6 +1471,37 @@ mod tests {
         drop(sqlite);
     }
 
+    /// The batches of a commit window share one read transaction; it ends with the window, so
+    /// what another process wrote meanwhile is seen by the requests after it.
+    #[tokio::test]
+    async fn the_shared_read_transaction_ends_with_its_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.sqlite");
+        let sqlite = SqliteStore::open(&path).await.unwrap();
+        // Opens a window: its rows wait for their commit, its reads' transaction stays open.
+        sqlite
+            .greylist_step(&step("t1", "c1", 1000, 5))
+            .await
+            .unwrap();
+        let other_process = rusqlite::Connection::open(&path).unwrap();
+        other_process
+            .execute(
+                "INSERT INTO clients (key, count, last) VALUES ('awl', 7, 1000)",
+                [],
+            )
+            .unwrap();
+        tokio::time::sleep(COMMIT_WITHIN * 10).await;
+        assert_eq!(
+            sqlite
+                .greylist_step(&step("t2", "awl", 1100, 5))
+                .await
+                .unwrap(),
+            StepOutcome::ClientAwl,
+            "a read after the window saw the old snapshot"
+        );
+        drop(sqlite);
+    }
+
     /// Many requests at once: each gets its own triplet's answer, and requests for one triplet
     /// are serialised (never two "first seen").
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1509,7 +1577,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(same_firsts, HashSet::from([2300]));
+        assert_eq!(same_firsts.into_iter().collect::<Vec<_>>(), [2300]);
         let same = sqlite.list("same", 10).await.unwrap();
         assert_eq!(
             same,
