@@ -220,7 +220,8 @@ mod tests {
         (listener, addr)
     }
 
-    /// An echo handler over lines, using next_frame as the daemons do.
+    /// An echo handler over lines, reading with FrameReader and answering on the socket beneath
+    /// it, as the daemons do.
     async fn echo(conn: Connection) {
         let frames = FramedRead::new(conn.stream, LinesCodec::new_with_max_length(64));
         let mut requests = FrameReader::new(frames, conn.idle_timeout, &conn.shutdown);
