@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures_util::{Stream as FrameStream, StreamExt};
 use tokio::sync::Semaphore;
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -172,11 +173,6 @@ impl<S> FrameReader<S> {
         }
     }
 
-    /// The framed reader, e.g. to answer on the socket beneath it.
-    pub fn frames_mut(&mut self) -> &mut S {
-        &mut self.frames
-    }
-
     /// Waits for the next frame.
     pub async fn next<T, E>(&mut self) -> NextFrame<T, E>
     where
@@ -201,6 +197,14 @@ impl<S> FrameReader<S> {
     }
 }
 
+impl<T, D> FrameReader<FramedRead<T, D>> {
+    /// The socket beneath, to answer on: one request at a time per connection, so no split
+    /// halves (and no lock between them) are needed.
+    pub fn socket(&mut self) -> &mut T {
+        self.frames.get_mut()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,7 +212,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     use tokio::net::TcpStream;
-    use tokio_util::codec::{FramedRead, LinesCodec};
+    use tokio_util::codec::LinesCodec;
 
     async fn loopback() -> (Listener, std::net::SocketAddr) {
         let spec = ListenSpec::Inet {
@@ -232,8 +236,7 @@ mod tests {
                         tokio::time::sleep(Duration::from_millis(300)).await;
                     }
                     if requests
-                        .frames_mut()
-                        .get_mut()
+                        .socket()
                         .write_all(format!("{line}\n").as_bytes())
                         .await
                         .is_err()

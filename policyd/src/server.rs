@@ -185,9 +185,7 @@ pub async fn handle_connection<S>(
         let checks = checks_for(&request, &listener_checks);
         let reply = policyd.decide(&request, &checks).await;
         metrics::counter!("postern_policyd_requests_total").increment(1);
-        // One request at a time per connection, as Postfix asks: the answer goes out on the
-        // socket the request came from, with no split halves (and no lock between them).
-        let socket = requests.frames_mut().get_mut();
+        let socket = requests.socket();
         if let Err(err) = async {
             socket.write_all(&reply.encode()).await?;
             socket.flush().await

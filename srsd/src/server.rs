@@ -257,8 +257,7 @@ async fn serve_tcp_table(conn: Connection, live: watch::Receiver<Arc<Srsd>>, dir
                 warn!(%peer, error = %err, "bad tcp_table input; closing connection");
                 if err.wants_reply() {
                     let _ = requests
-                        .frames_mut()
-                        .get_mut()
+                        .socket()
                         .write_all(&tcp_table::Reply::Error(err.to_string()).encode())
                         .await;
                 }
@@ -270,13 +269,7 @@ async fn serve_tcp_table(conn: Connection, live: watch::Receiver<Arc<Srsd>>, dir
             }
             NextFrame::Closed | NextFrame::Shutdown => return,
         };
-        if requests
-            .frames_mut()
-            .get_mut()
-            .write_all(&reply.encode())
-            .await
-            .is_err()
-        {
+        if requests.socket().write_all(&reply.encode()).await.is_err() {
             return;
         }
     }
@@ -322,8 +315,7 @@ async fn serve_socketmap(conn: Connection, live: watch::Receiver<Arc<Srsd>>) {
                 warn!(%peer, error = %err, "bad socketmap input; closing connection");
                 if err.wants_reply() {
                     let _ = requests
-                        .frames_mut()
-                        .get_mut()
+                        .socket()
                         .write_all(&socketmap::Reply::Perm(err.to_string()).encode())
                         .await;
                 }
@@ -335,13 +327,7 @@ async fn serve_socketmap(conn: Connection, live: watch::Receiver<Arc<Srsd>>) {
             }
             NextFrame::Closed | NextFrame::Shutdown => return,
         };
-        if requests
-            .frames_mut()
-            .get_mut()
-            .write_all(&reply.encode())
-            .await
-            .is_err()
-        {
+        if requests.socket().write_all(&reply.encode()).await.is_err() {
             return;
         }
     }
