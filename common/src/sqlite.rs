@@ -33,6 +33,8 @@ pub const JOURNAL_SIZE_LIMIT: &str = "67108864";
 /// How long a RESTART checkpoint may wait for the writer and readers. It holds the write lock
 /// while it waits for readers, so this also bounds how long it can delay a commit.
 const RESTART_BUSY_TIMEOUT_MS: u32 = 100;
+/// [`RESTART_BUSY_TIMEOUT_MS`], for a writer that restarts the log itself.
+pub const RESTART_BUSY_TIMEOUT: Duration = Duration::from_millis(RESTART_BUSY_TIMEOUT_MS as u64);
 /// The busy timeout the stores' connections otherwise use.
 const BUSY_TIMEOUT_MS: u32 = 5000;
 
@@ -54,6 +56,37 @@ pub async fn checkpoint_in_background(
     checkpoints: Checkpoints,
     what: &'static str,
 ) {
+    checkpoint_loop(pool, alive, checkpoints, what, None).await;
+}
+
+/// As [`checkpoint_in_background`], for a store whose writing connection commits back to back
+/// (so that a checkpoint on another connection seldom gets the write lock a restart needs):
+/// `ask_writer_to_restart` is called instead, and the writer restarts the log between two of its
+/// commits, waiting at most [`RESTART_BUSY_TIMEOUT`] for readers.
+pub async fn checkpoint_passively(
+    pool: SqlitePool,
+    alive: impl Fn() -> bool + Send + 'static,
+    checkpoints: Checkpoints,
+    what: &'static str,
+    ask_writer_to_restart: impl Fn() + Send + Sync + 'static,
+) {
+    checkpoint_loop(
+        pool,
+        alive,
+        checkpoints,
+        what,
+        Some(Box::new(ask_writer_to_restart)),
+    )
+    .await;
+}
+
+async fn checkpoint_loop(
+    pool: SqlitePool,
+    alive: impl Fn() -> bool + Send + 'static,
+    checkpoints: Checkpoints,
+    what: &'static str,
+    ask_writer_to_restart: Option<Box<dyn Fn() + Send + Sync>>,
+) {
     loop {
         tokio::time::sleep(checkpoints.interval).await;
         if !alive() {
@@ -61,7 +94,9 @@ pub async fn checkpoint_in_background(
         }
         match passive(&pool).await {
             Ok(log_pages) if log_pages > checkpoints.restart_above_pages => {
-                if let Err(err) = restart(&pool).await {
+                if let Some(ask) = &ask_writer_to_restart {
+                    ask();
+                } else if let Err(err) = restart(&pool).await {
                     // Busy (a long read, such as an admin listing): tried again next time.
                     debug!(store = what, error = %err, log_pages, "SQLite WAL restart postponed");
                 }

@@ -1,47 +1,50 @@
-//! The embedded store: one SQLite file in WAL mode. Requests are group committed: one thread
-//! owns the writing connection, takes every request waiting at that moment, reads the rows the
-//! batch needs that its row cache does not hold, applies postgrey's rules to the batch in
-//! memory (the pure functions of `logic`), answers each request, and writes the changed rows of
-//! the batches answered within a few milliseconds in one transaction (see [`run_batch`] for why
-//! the answer comes before the commit, [`COMMIT_WITHIN`] for the window, and what happens when
-//! a commit fails). An idle store answers a lone request at once. Expiry deletes in small
-//! indexed batches between transactions.
+//! The embedded store: one SQLite file in WAL mode, read and written on two connections of its
+//! own so that a commit never holds up an answer.
 //!
-//! The writing connection is rusqlite's, on a thread of its own, not an sqlx connection: sqlx
-//! runs every SQLite connection on a thread of its own anyway and hands each statement and each
-//! row across with channel messages, so a batch cost several thread wake-ups and about 200 us
-//! of CPU (new triplets at 8 connections: 79 us per request in all). Here a batch is one
-//! wake-up of the writer and plain function calls into SQLite. The admin commands, imports and
-//! WAL checkpoints keep sqlx's pool: they are not on the request path.
+//! A request the row cache cannot answer alone is decided where it arrives, on the caller's
+//! thread: the decider (the reading connection, behind a mutex) reads the rows the cache lacks,
+//! applies postgrey's rules (the pure functions of `logic`), and the request is answered at
+//! once. Its changed rows join the open commit window. The committer, a thread with the
+//! writing connection, writes a window in one transaction once it is [`COMMIT_WITHIN`] old or
+//! [`COMMIT_AFTER_STEPS`] requests long, while the next window fills; it also runs expiry
+//! steps and flushes. Until its window is committed, a row lives in the row cache, which keeps
+//! it whatever its age (see [`Generations`]), so later requests decide on it.
+//!
+//! Why this shape, measured at 8 connections: a thread hop to a writer and back for every new
+//! triplet left a third of both cores idle (each request waited for two wake-ups), and a commit
+//! on the deciding connection stopped every answer while it ran: at 10 million triplets a
+//! commit of a few hundred rows reads as many pages of the `last` index from disk (7 ms). The
+//! decider's reads block the caller's thread for their time; a read that misses the page cache
+//! waits for the disk, as every request's read would anyway.
+//!
+//! The connections are rusqlite's, not sqlx's: sqlx runs every SQLite connection on a thread of
+//! its own and hands each statement and row across with channel messages (about 200 us of CPU
+//! per batch). The admin commands, imports and WAL checkpoints keep sqlx's pool: they are not
+//! on the request path.
 
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self as sync_mpsc, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-// The writer hashes every key of a batch several times over (cache, plan, decision); SipHash
-// was a tenth of its time. foldhash is randomly seeded per process, and the maps it backs are
-// bounded (a batch, a cache generation of CACHE_GENERATION keys).
+// The decider hashes every key several times over (cache, plan, decision); SipHash was a tenth
+// of its time. foldhash is randomly seeded per process, and the maps it backs are bounded.
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use postern_common::sqlite::{Checkpoints, JOURNAL_SIZE_LIMIT};
+use postern_common::sqlite::{Checkpoints, JOURNAL_SIZE_LIMIT, RESTART_BUSY_TIMEOUT};
 use rusqlite::{OptionalExtension, TransactionBehavior};
 use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use tokio::sync::{mpsc, oneshot};
-use tracing::warn;
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
 
 use super::logic::{
     AWL_INTERVAL, ClientCount, TripletRules, TripletSeen, TripletTimes, bump_client, record_triplet,
 };
 use super::store::{Entry, GreylistStep, Kind, Stats, StepOutcome, Store, StoreError};
-
-/// Requests in one group commit at most.
-const MAX_BATCH: usize = 128;
-
-/// Requests waiting for the worker; a sender blocks (within the store timeout) beyond this.
-const QUEUE_DEPTH: usize = 4096;
 
 const SCHEMA: [&str; 4] = [
     "CREATE TABLE IF NOT EXISTS triplets (key TEXT PRIMARY KEY NOT NULL, first INTEGER NOT NULL, \
@@ -56,16 +59,23 @@ const SCHEMA: [&str; 4] = [
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    jobs: mpsc::Sender<Job>,
-    /// The worker's row cache, read (never written) by requests that it answers alone.
-    cache: Arc<Mutex<RowCache>>,
+    shared: Arc<Shared>,
+    commits: sync_mpsc::Sender<CommitJob>,
 }
 
-/// A request waiting for a group commit.
+/// What the requests and the committer share.
 #[derive(Debug)]
-struct StepJob {
-    step: GreylistStep,
-    reply: oneshot::Sender<Result<StepOutcome, StoreError>>,
+struct Shared {
+    decider: Mutex<Decider>,
+    /// Read (never written) by requests it answers alone; written under the decider's lock.
+    cache: Mutex<RowCache>,
+    /// The newest window the committer is done with (committed, or failed and forgotten).
+    done: AtomicU64,
+    /// The log has grown past its bound: the committer restarts it between two commits.
+    restart_wanted: AtomicBool,
+    /// The committer is restarting the log, which waits for every read transaction begun
+    /// before: the decider begins one per request meanwhile.
+    restarting: AtomicBool,
 }
 
 fn to_i64(value: u64) -> i64 {
@@ -90,10 +100,10 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT);
-        // The group-commit worker owns the one connection that writes for requests and
-        // expiry; the pool (one connection) serves the admin commands, imports and
-        // checkpoints. Page caches (KiB, negative) sized so that the daemon stays well under
-        // 40 MB: the writer's holds the B-tree's upper levels of a 10-million-triplet store.
+        // The pool (one connection) serves the admin commands, imports and checkpoints. Page
+        // caches (KiB, negative) sized so that the daemon stays well under 40 MB: the
+        // decider's holds the B-trees' upper levels of a 10-million-triplet store, the
+        // committer's the pages it is rewriting.
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -102,52 +112,76 @@ impl SqliteStore {
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
         }
-        let writer = open_writer(path)?;
-        let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
-        let cache = Arc::new(Mutex::new(RowCache::default()));
-        let alive = jobs.downgrade();
-        tokio::spawn(postern_common::sqlite::checkpoint_in_background(
+        let shared = Arc::new(Shared {
+            decider: Mutex::new(Decider {
+                conn: open_connection(path, "-12000")?,
+                window: Window::default(),
+                last_window: 0,
+                answer_first: true,
+                snapshot: None,
+                refresh: false,
+            }),
+            cache: Mutex::new(RowCache::default()),
+            done: AtomicU64::new(0),
+            restart_wanted: AtomicBool::new(false),
+            restarting: AtomicBool::new(false),
+        });
+        let writer = open_connection(path, "-4000")?;
+        let (commits, jobs) = sync_mpsc::channel();
+        // The committer holds `shared` until every handle of the store is gone.
+        let (alive, asking) = (Arc::downgrade(&shared), Arc::downgrade(&shared));
+        tokio::spawn(postern_common::sqlite::checkpoint_passively(
             pool.clone(),
-            move || alive.upgrade().is_some(),
+            move || alive.strong_count() > 0,
             checkpoints,
             "greylist",
+            move || {
+                if let Some(shared) = asking.upgrade() {
+                    shared.restart_wanted.store(true, Ordering::Release);
+                    // An idle committer is not woken: with no commits the passive checkpoints
+                    // catch up, and the next commit starts the log over by itself.
+                }
+            },
         ));
-        let worker_cache = cache.clone();
+        let committer_shared = shared.clone();
         std::thread::Builder::new()
-            .name("greylist-writer".into())
-            .spawn(move || group_commit_worker(writer, queue, &worker_cache))
+            .name("greylist-commit".into())
+            .spawn(move || committer(&writer, &jobs, &committer_shared))
             .map_err(|e| StoreError::Thread(e.to_string()))?;
-        Ok(Self { pool, jobs, cache })
+        Ok(Self {
+            pool,
+            shared,
+            commits,
+        })
     }
 
-    /// Waits until every request queued so far is committed (answers may come before their
-    /// commit, see [`run_batch`]).
+    /// Waits until every request answered so far is committed, and makes the next request read
+    /// what was written meanwhile (by this process's admin commands, or another process).
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (reply, done) = oneshot::channel();
-        self.jobs
-            .send(Job::Flush(reply))
-            .await
+        self.commits
+            .send(CommitJob::Flush(reply))
             .map_err(|_| StoreError::WorkerGone)?;
         done.await.map_err(|_| StoreError::WorkerGone)
     }
 
-    /// Commits what is queued, then closes the pool (checkpointing the WAL).
+    /// Commits what is answered, then closes the pool (checkpointing the WAL).
     pub async fn close(&self) {
         if let Err(err) = self.flush().await {
-            warn!(error = %err, "greylist store closing: queued requests not flushed");
+            warn!(error = %err, "greylist store closing: answered requests not flushed");
         }
         self.pool.close().await;
     }
 }
 
-/// Work for the worker that owns the writing connection.
+/// Work for the committer.
 #[derive(Debug)]
-enum Job {
-    /// A request's greylisting step.
-    Step(StepJob),
-    /// One expiry batch, run between group commits so it never holds the write lock long.
+enum CommitJob {
+    /// A window opened, filled up, or waits with a request for its commit: look at it.
+    Wake,
+    /// One expiry batch, run between two commits so that it never holds the write lock long.
     Expire(ExpireJob),
-    /// Answered once the steps queued before it are committed.
+    /// Answered once everything answered before it is committed.
     Flush(oneshot::Sender<()>),
 }
 
@@ -159,259 +193,396 @@ struct ExpireJob {
     reply: oneshot::Sender<Result<u64, StoreError>>,
 }
 
-/// The jobs of one round of the worker, sorted.
-#[derive(Debug, Default)]
-struct Round {
-    steps: Vec<StepJob>,
-    expiries: Vec<ExpireJob>,
-    flushes: Vec<oneshot::Sender<()>>,
-}
-
 /// How long a statement waits for a lock another connection holds (a checkpoint, an admin
 /// command) before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The writing connection, set up as the pool's connections are. Checkpoints copy the WAL into
-/// the database file and sync it, which can take milliseconds: they run on the pool's
-/// connection (automatic checkpoints off here), never in a request's commit.
-fn open_writer(path: &Path) -> Result<rusqlite::Connection, StoreError> {
+/// A connection of the decider or the committer, set up as the pool's connections are, with a
+/// page cache of `cache_size`. Checkpoints copy the WAL into the database file and sync it,
+/// which can take milliseconds: they run on the pool's connection (automatic checkpoints off
+/// here), never in a commit.
+fn open_connection(path: &Path, cache_size: &str) -> Result<rusqlite::Connection, StoreError> {
     let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "wal")?;
     conn.pragma_update(None, "synchronous", "normal")?;
-    conn.pragma_update(None, "cache_size", "-16000")?;
+    conn.pragma_update(None, "cache_size", cache_size)?;
     conn.pragma_update(None, "wal_autocheckpoint", "0")?;
     conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
     conn.set_prepared_statement_cache_capacity(16);
     Ok(conn)
 }
 
-/// Takes the requests waiting, decides and answers them, and commits what they changed; ends
-/// when every handle of the store is dropped and the queue is empty (committing what is left).
-/// Runs on the writer thread: while it commits, the next requests gather in the queue.
-fn group_commit_worker(
+/// How long the rows of an answered request wait at most for their commit. One commit per
+/// batch of about three requests cost a third of the new-triplet rate: each writes the pages it
+/// changed into the WAL, one write call per page, and takes and drops the write lock. Gathered
+/// over a few milliseconds, the inserts of many requests share their pages and locks. A crash
+/// forgets at most this window (plus a commit under way) of first sightings (those senders are
+/// greylisted once more), as a power loss with `synchronous = NORMAL` forgets the commits since
+/// the last checkpoint.
+const COMMIT_WITHIN: Duration = Duration::from_millis(5);
+/// Requests in a window that is committed at once, whatever its age: fewer rows per commit
+/// would write more log for the same rows (each commit appends every page it touches).
+const COMMIT_AFTER_STEPS: usize = 512;
+/// Answered requests whose rows may wait for their commit at most. Beyond it (the committer
+/// stalled: a disk that does not answer, a lock another process holds) requests get the store
+/// error, and so the configured fallback answer, rather than decisions that memory alone keeps.
+const MAX_UNCOMMITTED_STEPS: usize = 20_000;
+/// How long the decider's read transaction lives at most. One shared by many requests saves
+/// a round of file locks per read and, as long as it lives, the page cache it has (SQLite
+/// drops a connection's page cache when a transaction begins after another connection
+/// committed); a checkpoint that restarts the log waits for it to end.
+const SNAPSHOT_WITHIN: Duration = Duration::from_millis(25);
+
+/// The reading connection and what the decisions made since the last commit left.
+#[derive(Debug)]
+struct Decider {
     conn: rusqlite::Connection,
-    mut queue: mpsc::Receiver<Job>,
-    cache: &Mutex<RowCache>,
-) {
-    let mut round = Round::default();
-    let mut answer_first = true;
-    let mut uncommitted = Uncommitted::default();
-    // Only for waiting on the queue with a deadline (tokio's blocking receive has none).
-    let timer = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .inspect_err(
-            |err| warn!(error = %err, "greylist writer: no timer, so every batch commits at once"),
-        )
-        .ok();
-    loop {
-        let job = match (uncommitted.due, &timer) {
-            (Some(due), Some(timer)) => {
-                // The timeout is made inside the runtime: its timer belongs to it.
-                let wait = async { tokio::time::timeout_at(due.into(), queue.recv()).await };
-                match timer.block_on(wait) {
-                    Ok(job) => job,
-                    Err(_elapsed) => {
-                        commit_answered(&conn, cache, &mut uncommitted, &mut answer_first);
-                        continue;
-                    }
-                }
-            }
-            _ => queue.blocking_recv(),
+    /// Rows of answered requests that wait for the committer.
+    window: Window,
+    /// The number of the newest window opened.
+    last_window: u64,
+    /// Whether requests are answered before their rows are committed: cleared by a failed
+    /// commit, set again by the next one that succeeds (see [`commit_window`]).
+    answer_first: bool,
+    /// The read transaction open on `conn`, if any.
+    snapshot: Option<Snapshot>,
+    /// A cache generation waits for a snapshot that sees a newer commit.
+    refresh: bool,
+}
+
+/// A read transaction of the decider.
+#[derive(Debug, Clone, Copy)]
+struct Snapshot {
+    began: Instant,
+    /// Every window up to this one is committed in what it reads.
+    sees: u64,
+}
+
+/// Changed rows of answered requests, committed together.
+#[derive(Debug, Default)]
+struct Window {
+    /// Its number; windows are committed in order.
+    number: u64,
+    rows: WriteRows,
+    /// The requests that changed them.
+    steps: usize,
+    opened: Option<Instant>,
+    /// Requests answered only once the window is committed (after a failed commit).
+    waiters: Vec<oneshot::Sender<Result<(), String>>>,
+}
+
+/// How a decided request is answered.
+#[derive(Debug)]
+enum Decided {
+    /// At once.
+    Now(StepOutcome),
+    /// Once its window is committed.
+    AfterCommit(StepOutcome, oneshot::Receiver<Result<(), String>>),
+}
+
+impl Decider {
+    /// The newest window whose rows a read on this connection may miss no longer: a cached
+    /// row of an older window can be dropped, since a read finds it in the database.
+    fn sees(&self, done: &AtomicU64) -> u64 {
+        self.snapshot
+            .map_or_else(|| done.load(Ordering::Acquire), |snapshot| snapshot.sees)
+    }
+
+    /// Begins the read transaction that requests share, unless one is open.
+    ///
+    /// Reads outside a transaction would each be a transaction of their own, and each takes
+    /// and drops its read lock with a round of file locks (about four fcntl calls, more than a
+    /// microsecond each). The write lock is never taken here: the committer's connection is
+    /// the only one of this process that writes, and what it writes is cached until a snapshot
+    /// sees it. A change another process makes meanwhile (an admin `delete`) can be
+    /// overwritten, as with a cached row.
+    fn begin_reads(&mut self, done: &AtomicU64) -> Result<(), rusqlite::Error> {
+        if self.conn.is_autocommit() {
+            // Loaded before the transaction begins: it sees at least these windows.
+            let sees = done.load(Ordering::Acquire);
+            self.conn.prepare_cached("BEGIN DEFERRED")?.execute([])?;
+            self.snapshot = Some(Snapshot {
+                began: Instant::now(),
+                sees,
+            });
+        }
+        Ok(())
+    }
+
+    /// Ends the read transaction, if one is open.
+    fn end_reads(&mut self) {
+        self.snapshot = None;
+        if self.conn.is_autocommit() {
+            return;
+        }
+        let ended = self
+            .conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut commit| commit.execute([]));
+        if ended.is_err() && !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+
+    /// Adds a request's changed rows to the open window (opening one if none is), and returns
+    /// the window's number.
+    fn add_to_window(&mut self, rows: WriteRows, commits: &sync_mpsc::Sender<CommitJob>) -> u64 {
+        let window = &mut self.window;
+        if window.opened.is_none() {
+            self.last_window += 1;
+            window.number = self.last_window;
+            window.opened = Some(Instant::now());
+            let _ = commits.send(CommitJob::Wake);
+        }
+        window.rows.append(rows);
+        window.steps += 1;
+        if window.steps == COMMIT_AFTER_STEPS {
+            let _ = commits.send(CommitJob::Wake);
+        }
+        window.number
+    }
+}
+
+impl Shared {
+    /// Whether a read transaction begun now would see a window newer than `sees`.
+    fn fresher_than(&self, sees: u64) -> bool {
+        self.done.load(Ordering::Acquire) > sees
+    }
+
+    /// Decides one request the cache could not answer alone: reads what the cache lacks,
+    /// applies the rules, caches the rows, and queues the changed ones for the committer.
+    ///
+    /// While commits succeed, a request is answered as soon as it is decided, and the requests
+    /// after it decide on the cached rows, whether or not its commit is done. Once a commit
+    /// fails, requests are answered only when their window is committed, so that while the
+    /// database cannot be written every request gets the fallback answer (the store error)
+    /// rather than a decision that is not stored.
+    fn decide_one(
+        &self,
+        step: &GreylistStep,
+        commits: &sync_mpsc::Sender<CommitJob>,
+    ) -> Result<Decided, StoreError> {
+        let mut decider = lock(&self.decider);
+        if decider.window.steps >= MAX_UNCOMMITTED_STEPS {
+            return Err(StoreError::Behind(decider.window.steps));
+        }
+        if decider.refresh
+            || decider.snapshot.is_some_and(|snapshot| {
+                snapshot.began.elapsed() >= SNAPSHOT_WITHIN
+                    || self.restarting.load(Ordering::Acquire)
+            })
+        {
+            decider.refresh = false;
+            decider.end_reads();
+        }
+        let steps = [step];
+        let plan = ReadPlan::new(&lock(&self.cache), &steps);
+        let read = if plan.is_empty() {
+            Ok(ReadRows::default())
+        } else {
+            decider
+                .begin_reads(&self.done)
+                .and_then(|()| plan.read(&decider.conn))
         };
-        let Some(job) = job else { break };
-        round.sort(job);
-        take_waiting(&mut queue, &mut round);
-        // Expiry waits for no quiet moment (under steady load there may be none): one expiry
-        // step runs between two batches. Answered rows are written before the rows they may
+        let rows = read.map_err(|err| {
+            // Nothing was written: what the cache holds stays right.
+            decider.end_reads();
+            warn!(error = %err, "greylist read failed");
+            StoreError::Batch(err.to_string())
+        })?;
+        let sees = decider.sees(&self.done);
+        let mut cache = lock(&self.cache);
+        let Decision {
+            mut outcomes,
+            write,
+            rows: decided,
+        } = decide(&cache, &steps, plan, rows);
+        let outcome = outcomes.pop().expect("one outcome per step");
+        if write.is_empty() {
+            let window = decider.last_window;
+            decider.refresh |= cache.keep(decided, window, sees);
+            drop(cache);
+            if decider.window.opened.is_none() {
+                // Nothing waits for a commit that would end it.
+                decider.end_reads();
+            }
+            return Ok(Decided::Now(outcome));
+        }
+        let window = decider.add_to_window(write, commits);
+        decider.refresh |= cache.keep(decided, window, sees) && self.fresher_than(sees);
+        drop(cache);
+        if decider.answer_first {
+            return Ok(Decided::Now(outcome));
+        }
+        let (reply, committed) = oneshot::channel();
+        decider.window.waiters.push(reply);
+        let _ = commits.send(CommitJob::Wake);
+        Ok(Decided::AfterCommit(outcome, committed))
+    }
+}
+
+/// Commits windows as they come due, and runs expiry steps and flushes between them; ends when
+/// every handle of the store is dropped (committing what is left). Runs on its own thread:
+/// while it commits, requests are decided and answered.
+fn committer(conn: &rusqlite::Connection, jobs: &sync_mpsc::Receiver<CommitJob>, shared: &Shared) {
+    let mut due: Option<Instant> = None;
+    let mut expiries = Vec::new();
+    let mut flushes = Vec::new();
+    loop {
+        let job = match due {
+            Some(due) => jobs.recv_timeout(due.saturating_duration_since(Instant::now())),
+            None => jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        let closing = match job {
+            Ok(job) => {
+                sort(job, &mut expiries, &mut flushes);
+                false
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        while let Ok(job) = jobs.try_recv() {
+            sort(job, &mut expiries, &mut flushes);
+        }
+        // Answered rows are written before any flush is answered and before the rows they may
         // expire are deleted.
-        if !round.expiries.is_empty() {
-            commit_answered(&conn, cache, &mut uncommitted, &mut answer_first);
+        let now = closing || !expiries.is_empty() || !flushes.is_empty();
+        let (taken, next_due) = take_due_window(shared, now);
+        due = next_due;
+        if let Some(window) = taken {
+            commit_window(conn, shared, window);
+            if shared.restart_wanted.swap(false, Ordering::AcqRel) {
+                shared.restarting.store(true, Ordering::Release);
+                restart_log(conn);
+                shared.restarting.store(false, Ordering::Release);
+            }
+            // Looked at again at once: the next window may be due already, or none is open
+            // and the decider's snapshot can end.
+            due = Some(Instant::now());
         }
         for ExpireJob {
             cutoff,
             batch,
             reply,
-        } in round.expiries.drain(..)
+        } in expiries.drain(..)
         {
+            let expired = expire_batch(conn, cutoff, batch);
             // Rows last seen before the cutoff may be cached (a client read for its AWL
-            // count); they are gone from the database now.
-            lock(cache).forget_older_than(cutoff);
-            let _ = reply.send(expire_batch(&conn, cutoff, batch));
+            // count); they are gone from the database now, and the next read must see it.
+            let mut decider = lock(&shared.decider);
+            lock(&shared.cache).forget_older_than(cutoff);
+            decider.end_reads();
+            drop(decider);
+            let _ = reply.send(expired);
         }
-        if !round.steps.is_empty() {
-            run_batch(
-                &conn,
-                cache,
-                std::mem::take(&mut round.steps),
-                &mut answer_first,
-                &mut uncommitted,
-            );
+        if !flushes.is_empty() {
+            lock(&shared.decider).end_reads();
+            for reply in flushes.drain(..) {
+                let _ = reply.send(());
+            }
         }
-        if uncommitted.is_due() || !round.flushes.is_empty() || timer.is_none() {
-            commit_answered(&conn, cache, &mut uncommitted, &mut answer_first);
+        if closing {
+            break;
         }
-        // Steps queued before a flush were taken with it, or in an earlier round.
-        for reply in round.flushes.drain(..) {
-            let _ = reply.send(());
-        }
-    }
-    commit_answered(&conn, cache, &mut uncommitted, &mut answer_first);
-}
-
-/// Rows of answered requests, not yet committed.
-#[derive(Debug, Default)]
-struct Uncommitted {
-    rows: WriteRows,
-    /// The requests that changed them.
-    steps: usize,
-    /// When they are committed at the latest.
-    due: Option<std::time::Instant>,
-}
-
-impl Uncommitted {
-    fn is_due(&self) -> bool {
-        self.steps >= COMMIT_AFTER_STEPS
-            || self.due.is_some_and(|due| std::time::Instant::now() >= due)
     }
 }
 
-/// How long the rows of an answered request wait at most for their commit. One commit per batch (about three requests at 8
-/// connections) cost a third of the new-triplet rate: each writes the pages it changed into the
-/// WAL, one write call per page, and takes and drops the write lock. Gathered over a few
-/// milliseconds, the inserts of many requests share their pages and locks. A crash forgets at
-/// most this window of first sightings (those senders are greylisted once more), as a power
-/// loss with `synchronous = NORMAL` forgets the commits since the last checkpoint.
-const COMMIT_WITHIN: Duration = Duration::from_millis(5);
-/// Requests whose rows wait for a commit that starts one at once, whatever the time. With the
-/// batch that crosses it (at most [`MAX_BATCH`] more), well below [`CACHE_GENERATION`], so that
-/// every uncommitted row is still cached (a request deciding on the database alone would miss
-/// it).
-const COMMIT_AFTER_STEPS: usize = 512;
-
-/// Commits the rows of answered requests, if any.
-fn commit_answered(
-    conn: &rusqlite::Connection,
-    cache: &Mutex<RowCache>,
-    uncommitted: &mut Uncommitted,
-    answer_first: &mut bool,
-) {
-    end_reads(conn);
-    let Uncommitted { rows, steps, .. } = std::mem::take(uncommitted);
-    if rows.is_empty() {
-        return;
-    }
-    if let Err(err) = commit_rows(conn, &rows) {
-        forget_uncommitted(cache);
-        *answer_first = false;
-        warn!(
-            requests = steps,
-            triplets = rows.triplets.len(),
-            clients = rows.clients.len(),
-            error = %err,
-            "greylist commit failed after its requests were answered; their rows are lost, \
-             and requests are answered after their commit until one succeeds"
-        );
+fn sort(job: CommitJob, expiries: &mut Vec<ExpireJob>, flushes: &mut Vec<oneshot::Sender<()>>) {
+    match job {
+        CommitJob::Wake => {}
+        CommitJob::Expire(expire) => expiries.push(expire),
+        CommitJob::Flush(reply) => flushes.push(reply),
     }
 }
 
-/// Reads, decides and answers one batch; its rows join the uncommitted ones.
-///
-/// While commits succeed, a batch is answered as soon as it is decided, before its commit,
-/// which no request then waits for. Later batches are decided on the cached rows, so they see
-/// what this one decided whether or not its commit is done. Once a commit fails,
-/// `answer_first` is cleared and batches are committed at once and answered only when
-/// committed, so that while the database cannot be written every request gets the fallback
-/// answer (a failed batch) rather than a decision that is not stored; the first commit that
-/// succeeds sets it again.
-fn run_batch(
-    conn: &rusqlite::Connection,
-    cache: &Mutex<RowCache>,
-    jobs: Vec<StepJob>,
-    answer_first: &mut bool,
-    uncommitted: &mut Uncommitted,
-) {
-    metrics::histogram!("postern_policyd_greylist_batch_requests").record(jobs.len() as f64);
-    let batch: Vec<&GreylistStep> = jobs.iter().map(|job| &job.step).collect();
-    let decided = (|| {
-        let plan = ReadPlan::new(&lock(cache), &batch);
-        let rows = if plan.is_empty() {
-            ReadRows::default()
-        } else {
-            begin_reads(conn)?;
-            plan.read(conn)?
-        };
-        Ok::<_, rusqlite::Error>(decide(&mut lock(cache), &batch, plan, rows))
-    })();
-    drop(batch);
-    let Decision { outcomes, write } = match decided {
-        Ok(decision) => decision,
-        Err(err) => {
-            // The failure clears the cache, which must not lose rows that are not committed.
-            commit_answered(conn, cache, uncommitted, answer_first);
-            return fail_batch(cache, jobs, &err);
-        }
+/// Takes the open window if it is due (or `now`), ending the decider's read transaction when no
+/// window is left open; otherwise returns when it will be due.
+fn take_due_window(shared: &Shared, now: bool) -> (Option<Window>, Option<Instant>) {
+    let mut decider = lock(&shared.decider);
+    let Some(opened) = decider.window.opened else {
+        // Nothing waits for a commit: a snapshot would only hold back checkpoints and hide
+        // what another process writes.
+        decider.end_reads();
+        return (None, None);
     };
-    if write.is_empty() {
-        if uncommitted.due.is_none() {
-            end_reads(conn);
-        }
-        return answer_batch(jobs, outcomes);
+    let window = &decider.window;
+    if now
+        || window.steps >= COMMIT_AFTER_STEPS
+        || !window.waiters.is_empty()
+        || opened.elapsed() >= COMMIT_WITHIN
+    {
+        (Some(std::mem::take(&mut decider.window)), None)
+    } else {
+        (None, Some(opened + COMMIT_WITHIN))
     }
-    if *answer_first {
-        uncommitted.steps += jobs.len();
-        uncommitted.rows.append(write);
-        uncommitted
-            .due
-            .get_or_insert_with(|| std::time::Instant::now() + COMMIT_WITHIN);
-        return answer_batch(jobs, outcomes);
-    }
-    end_reads(conn);
-    match commit_rows(conn, &write) {
+}
+
+/// Commits a window. On success its waiting requests are answered and requests are answered
+/// first again. On failure what is not committed is forgotten: this window's rows, the rows of
+/// the window opened since (its requests were answered too), the whole row cache and the
+/// decider's snapshot, so that the next requests decide on the database; the waiting requests
+/// get the error, and from then on requests wait for their commit until one succeeds.
+fn commit_window(conn: &rusqlite::Connection, shared: &Shared, window: Window) {
+    metrics::histogram!("postern_policyd_greylist_commit_requests").record(window.steps as f64);
+    match commit_rows(conn, &window.rows) {
         Ok(()) => {
-            *answer_first = true;
-            answer_batch(jobs, outcomes);
+            shared.done.fetch_max(window.number, Ordering::AcqRel);
+            if !window.waiters.is_empty() {
+                lock(&shared.decider).answer_first = true;
+            }
+            for waiter in window.waiters {
+                let _ = waiter.send(Ok(()));
+            }
         }
-        Err(err) => fail_batch(cache, jobs, &err),
+        Err(err) => {
+            let message = err.to_string();
+            let mut decider = lock(&shared.decider);
+            let later = std::mem::take(&mut decider.window);
+            decider.answer_first = false;
+            decider.end_reads();
+            lock(&shared.cache).clear();
+            shared
+                .done
+                .fetch_max(window.number.max(later.number), Ordering::AcqRel);
+            drop(decider);
+            warn!(
+                requests = window.steps + later.steps,
+                triplets = window.rows.triplets.len() + later.rows.triplets.len(),
+                clients = window.rows.clients.len() + later.rows.clients.len(),
+                error = %message,
+                "greylist commit failed after its requests were answered; their rows are lost, \
+                 and requests are answered after their commit until one succeeds"
+            );
+            for waiter in window.waiters.into_iter().chain(later.waiters) {
+                let _ = waiter.send(Err(message.clone()));
+            }
+        }
     }
 }
 
-/// Begins the read transaction that the batches of a commit window share, unless one is open.
-///
-/// Reads outside a transaction would each be a transaction of their own, and each transaction
-/// takes and drops its read lock with a round of file locks (about four fcntl calls, more than a
-/// microsecond each). A transaction per batch (about four requests at 8 connections) still cost
-/// a lock round per batch; shared by the window's batches, it costs one per commit. It is ended
-/// ([`end_reads`]) before every write transaction, expiry step and flush, and whenever no rows
-/// wait for a commit, so it lives at most [`COMMIT_WITHIN`] and a checkpoint that waits for
-/// readers (common::sqlite) waits no longer than that. The write lock is taken only for the
-/// writes: with the reads inside the write transaction it was so rarely free that the log
-/// outgrew its bound. This thread is the only writer in the process, so deciding on what it
-/// read before is safe; a change another process makes meanwhile (an admin `delete`) can be
-/// overwritten, as with a cached row.
-fn begin_reads(conn: &rusqlite::Connection) -> Result<(), rusqlite::Error> {
-    if conn.is_autocommit() {
-        conn.prepare_cached("BEGIN DEFERRED")?.execute([])?;
-    }
-    Ok(())
-}
-
-/// Ends the shared read transaction, if one is open. It wrote nothing, so a commit that fails
-/// is rolled back instead and nothing is lost.
-fn end_reads(conn: &rusqlite::Connection) {
-    if conn.is_autocommit() {
-        return;
-    }
-    let ended = conn
-        .prepare_cached("COMMIT")
-        .and_then(|mut commit| commit.execute([]));
-    if ended.is_err() && !conn.is_autocommit() {
-        let _ = conn.execute_batch("ROLLBACK");
+/// Restarts the log from its beginning, between two commits (see
+/// `postern_common::sqlite::checkpoint_passively`): this connection writes back to back, so a
+/// checkpoint on another connection would seldom get the write lock. It copies what the
+/// passive checkpoints have not and waits at most [`RESTART_BUSY_TIMEOUT`] for the decider's
+/// snapshot (at most [`SNAPSHOT_WITHIN`] old) and other readers; while it runs, requests are
+/// answered and their rows wait in the next window.
+fn restart_log(conn: &rusqlite::Connection) {
+    let _ = conn.busy_timeout(RESTART_BUSY_TIMEOUT);
+    let checkpoint = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |row| {
+        Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
+    });
+    let _ = conn.busy_timeout(BUSY_TIMEOUT);
+    match checkpoint {
+        Ok((0, _)) => {}
+        Ok((_, log_pages)) => {
+            debug!(log_pages, "greylist WAL restart postponed: readers busy");
+        }
+        Err(err) => debug!(error = %err, "greylist WAL restart postponed"),
     }
 }
 
-/// Writes a batch's rows in one transaction.
+/// Writes a window's rows in one transaction.
 fn commit_rows(conn: &rusqlite::Connection, write: &WriteRows) -> Result<(), rusqlite::Error> {
     // IMMEDIATE takes the write lock at once, so a database busy with another connection (a
     // checkpoint, an admin command) is waited for (busy timeout) before anything is written.
@@ -419,52 +590,6 @@ fn commit_rows(conn: &rusqlite::Connection, write: &WriteRows) -> Result<(), rus
     let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
     write_rows(&tx, write)?;
     tx.commit()
-}
-
-/// After a failure, what was committed is not known: the cache forgets what it holds.
-fn forget_uncommitted(cache: &Mutex<RowCache>) {
-    lock(cache).clear();
-}
-
-fn answer_batch(jobs: Vec<StepJob>, outcomes: Vec<StepOutcome>) {
-    for (job, outcome) in jobs.into_iter().zip(outcomes) {
-        // The requester may have timed out meanwhile; its rows are written anyway.
-        let _ = job.reply.send(Ok(outcome));
-    }
-}
-
-/// Answers each request of a batch that failed with the error (the caller answers with its
-/// fallback action).
-fn fail_batch(cache: &Mutex<RowCache>, jobs: Vec<StepJob>, err: &rusqlite::Error) {
-    forget_uncommitted(cache);
-    let message = err.to_string();
-    warn!(requests = jobs.len(), error = %message, "greylist batch failed");
-    for job in jobs {
-        let _ = job.reply.send(Err(StoreError::Batch(message.clone())));
-    }
-}
-
-impl Round {
-    /// Queues a job for this round.
-    fn sort(&mut self, job: Job) {
-        match job {
-            // A requester that gave up (store timeout) is not waited for.
-            Job::Step(step) if step.reply.is_closed() => {}
-            Job::Step(step) => self.steps.push(step),
-            Job::Expire(expire) => self.expiries.push(expire),
-            Job::Flush(reply) => self.flushes.push(reply),
-        }
-    }
-}
-
-/// Takes what is waiting, up to a full batch.
-fn take_waiting(queue: &mut mpsc::Receiver<Job>, round: &mut Round) {
-    while round.steps.len() < MAX_BATCH {
-        match queue.try_recv() {
-            Ok(job) => round.sort(job),
-            Err(_) => break,
-        }
-    }
 }
 
 /// Deletes up to `batch` rows of each table last seen before `cutoff`.
@@ -482,10 +607,17 @@ fn expire_batch(conn: &rusqlite::Connection, cutoff: u64, batch: u32) -> Result<
     Ok(deleted)
 }
 
-/// Rows the worker read or wrote recently, as committed: `None` for a key known to be absent.
-/// Bounded (two generations of at most [`CACHE_GENERATION`] keys) and short-lived (a generation
-/// lasts [`CACHE_LIFETIME`]): another process's change to the file (`greylist delete`) is seen
-/// within two lifetimes.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Rows the decider read or decided recently: `None` for a key known to be absent. A row
+/// decided but not yet committed stays until a read would find it (see [`Generations`]);
+/// otherwise the cache is bounded (two generations of about [`CACHE_GENERATION`] keys) and
+/// short-lived (a generation lasts [`CACHE_LIFETIME`]): another process's change to the file
+/// (`greylist delete`) is seen within two lifetimes.
 #[derive(Debug)]
 struct RowCache {
     triplets: Generations<Option<(TripletTimes, bool)>>,
@@ -502,6 +634,20 @@ impl Default for RowCache {
 }
 
 impl RowCache {
+    /// Caches a decision's rows, decided in `window` (or, when they changed nothing, as of the
+    /// newest window): a generation holding rows of a window newer than `sees` is not dropped.
+    /// Returns whether one had to be kept beyond its size or time for that.
+    fn keep(&mut self, rows: CachedRows, window: u64, sees: u64) -> bool {
+        let mut kept = false;
+        for (key, row) in rows.triplets {
+            kept |= self.triplets.insert(key, row, window, sees);
+        }
+        for (key, row) in rows.clients {
+            kept |= self.clients.insert(key, row, window, sees);
+        }
+        kept
+    }
+
     fn clear(&mut self) {
         self.triplets.clear();
         self.clients.clear();
@@ -513,12 +659,6 @@ impl RowCache {
         self.clients
             .retain(|row| row.is_none_or(|count| count.last >= cutoff));
     }
-}
-
-fn lock(cache: &Mutex<RowCache>) -> std::sync::MutexGuard<'_, RowCache> {
-    cache
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The outcome of a step that changes nothing, from the cache alone: a known triplet seen again
@@ -554,11 +694,17 @@ const CACHE_GENERATION: usize = 4096;
 /// How long a generation takes new keys.
 const CACHE_LIFETIME: Duration = Duration::from_secs(30);
 
+/// Two maps: new keys go into the current one, which becomes the previous one when it is full
+/// or old; the previous one is dropped then. Each remembers the newest window whose rows it
+/// holds, and is dropped only once the decider's reads see that window committed: until then
+/// a read of one of its keys would find an older row, or none.
 #[derive(Debug)]
 struct Generations<V> {
     current: HashMap<String, V>,
     previous: HashMap<String, V>,
-    started: std::time::Instant,
+    started: Instant,
+    current_newest: u64,
+    previous_newest: u64,
 }
 
 impl<V: Clone> Generations<V> {
@@ -566,7 +712,9 @@ impl<V: Clone> Generations<V> {
         Self {
             current: HashMap::new(),
             previous: HashMap::new(),
-            started: std::time::Instant::now(),
+            started: Instant::now(),
+            current_newest: 0,
+            previous_newest: 0,
         }
     }
 
@@ -577,17 +725,29 @@ impl<V: Clone> Generations<V> {
             .cloned()
     }
 
-    fn insert(&mut self, key: &str, value: V) {
+    /// Inserts a row of `window`; returns whether the previous generation was due to go but
+    /// holds a window newer than `sees`, and so stays.
+    fn insert(&mut self, key: String, value: V, window: u64, sees: u64) -> bool {
+        let mut kept = false;
         if self.current.len() >= CACHE_GENERATION || self.started.elapsed() >= CACHE_LIFETIME {
-            self.previous = std::mem::take(&mut self.current);
-            self.started = std::time::Instant::now();
+            if self.previous_newest <= sees {
+                self.previous = std::mem::take(&mut self.current);
+                self.previous_newest = std::mem::take(&mut self.current_newest);
+                self.started = Instant::now();
+            } else {
+                kept = true;
+            }
         }
-        self.current.insert(key.to_owned(), value);
+        self.current.insert(key, value);
+        self.current_newest = self.current_newest.max(window);
+        kept
     }
 
     fn clear(&mut self) {
         self.current.clear();
         self.previous.clear();
+        self.current_newest = 0;
+        self.previous_newest = 0;
     }
 
     fn retain(&mut self, keep: impl Fn(&V) -> bool) {
@@ -705,11 +865,20 @@ impl WriteRows {
     }
 }
 
-/// What postgrey's rules make of a batch: each step's outcome, and the rows that changed.
+/// What postgrey's rules make of a batch: each step's outcome, the rows that changed, and every
+/// row of the batch's keys as it now stands, for the cache.
 #[derive(Debug)]
 struct Decision {
     outcomes: Vec<StepOutcome>,
     write: WriteRows,
+    rows: CachedRows,
+}
+
+/// A batch's rows by key, `None` for a key known to be absent.
+#[derive(Debug, Default)]
+struct CachedRows {
+    triplets: HashMap<String, Option<(TripletTimes, bool)>>,
+    clients: HashMap<String, Option<ClientCount>>,
 }
 
 /// Writes a batch's rows (in the batch's transaction).
@@ -739,15 +908,10 @@ fn write_rows(tx: &rusqlite::Transaction<'_>, write: &WriteRows) -> Result<(), r
 /// Applies postgrey's rules ([`record_triplet`], [`bump_client`]) to each step of a batch in
 /// turn, in memory, on the rows the cache holds and the rows read; returns the outcomes (in the
 /// order of `steps`, exactly [`Store::greylist_step`]'s composition run for each step in turn)
-/// and the rows that changed. The cache takes the new rows at once (requests answered from the
-/// cache alone may see them before the commit; see [`answer_from_cache`]); if the write fails
+/// and the rows that changed. The caller caches the rows at once (requests answered from the
+/// cache alone may see them before the commit; see [`answer_from_cache`]); if the commit fails
 /// the cache is cleared.
-fn decide(
-    cache: &mut RowCache,
-    steps: &[&GreylistStep],
-    plan: ReadPlan,
-    rows: ReadRows,
-) -> Decision {
+fn decide(cache: &RowCache, steps: &[&GreylistStep], plan: ReadPlan, rows: ReadRows) -> Decision {
     let mut triplets: HashMap<String, Option<(TripletTimes, bool)>> = HashMap::new();
     let mut clients: HashMap<String, Option<ClientCount>> = HashMap::new();
     for key in plan.triplets {
@@ -840,29 +1004,29 @@ fn decide(
                 .push((key.to_owned(), to_i64(count.count), to_i64(count.last)));
         }
     }
-    for (key, row) in triplets {
-        cache.triplets.insert(&key, row);
+    Decision {
+        outcomes,
+        write,
+        rows: CachedRows { triplets, clients },
     }
-    for (key, row) in clients {
-        cache.clients.insert(&key, row);
-    }
-    Decision { outcomes, write }
 }
 
 impl Store for SqliteStore {
     async fn greylist_step(&self, step: &GreylistStep) -> Result<StepOutcome, StoreError> {
-        if let Some(outcome) = answer_from_cache(&lock(&self.cache), step) {
+        // Most steps are answered without waiting for anything: a caller that loops on them
+        // would otherwise keep its runtime thread from every other task.
+        tokio::task::consume_budget().await;
+        if let Some(outcome) = answer_from_cache(&lock(&self.shared.cache), step) {
             return Ok(outcome);
         }
-        let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Job::Step(StepJob {
-                step: step.clone(),
-                reply,
-            }))
-            .await
-            .map_err(|_| StoreError::WorkerGone)?;
-        answer.await.map_err(|_| StoreError::WorkerGone)?
+        match self.shared.decide_one(step, &self.commits)? {
+            Decided::Now(outcome) => Ok(outcome),
+            Decided::AfterCommit(outcome, committed) => match committed.await {
+                Ok(Ok(())) => Ok(outcome),
+                Ok(Err(message)) => Err(StoreError::Batch(message)),
+                Err(_) => Err(StoreError::WorkerGone),
+            },
+        }
     }
 
     async fn record_triplet(
@@ -932,13 +1096,12 @@ impl Store for SqliteStore {
 
     async fn expire(&self, cutoff: u64, batch: u32) -> Result<u64, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Job::Expire(ExpireJob {
+        self.commits
+            .send(CommitJob::Expire(ExpireJob {
                 cutoff,
                 batch,
                 reply,
             }))
-            .await
             .map_err(|_| StoreError::WorkerGone)?;
         answer.await.map_err(|_| StoreError::WorkerGone)?
     }
@@ -1135,19 +1298,19 @@ mod tests {
             .unwrap();
         let first = step("t", "c", 1000, 5);
         assert_eq!(
-            answer_from_cache(&lock(&sqlite.cache), &first),
+            answer_from_cache(&lock(&sqlite.shared.cache), &first),
             None,
             "not cached"
         );
         let outcome = sqlite.greylist_step(&first).await.unwrap();
         assert_eq!(
-            answer_from_cache(&lock(&sqlite.cache), &first),
+            answer_from_cache(&lock(&sqlite.shared.cache), &first),
             Some(outcome),
             "same triplet, same second"
         );
         let later = step("t", "c", 1001, 5);
         assert_eq!(
-            answer_from_cache(&lock(&sqlite.cache), &later),
+            answer_from_cache(&lock(&sqlite.shared.cache), &later),
             None,
             "last seen moves"
         );
@@ -1166,12 +1329,15 @@ mod tests {
             StepOutcome::ClientAwl
         );
         assert_eq!(
-            answer_from_cache(&lock(&sqlite.cache), &step("t3", "awl", 5200, 5)),
+            answer_from_cache(&lock(&sqlite.shared.cache), &step("t3", "awl", 5200, 5)),
             Some(StepOutcome::ClientAwl),
             "counted less than an hour ago"
         );
         assert_eq!(
-            answer_from_cache(&lock(&sqlite.cache), &step("t3", "awl", 5000 + 3600, 5)),
+            answer_from_cache(
+                &lock(&sqlite.shared.cache),
+                &step("t3", "awl", 5000 + 3600, 5)
+            ),
             None,
             "an hour later the count is refreshed"
         );
@@ -1223,7 +1389,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_wal_stays_bounded_under_steady_writes() {
         const WRITERS: usize = 8;
-        const STEPS_EACH: usize = 8000;
+        const STEPS_EACH: usize = 24_000;
         /// The bound: the restart threshold (1 MiB) plus what a few checkpoint intervals add
         /// (every commit appends its pages again: about 2.5 MiB per 100 ms here).
         const BOUND: u64 = 12 << 20;
