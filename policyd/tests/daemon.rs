@@ -1018,7 +1018,7 @@ async fn sqlite_at_scale() {
         retry_window: 86_400,
     };
     // Eight requests at a time, as from eight Postfix smtpd processes, through the path the
-    // daemon uses (AWL lookup, triplet, AWL count, group-committed).
+    // daemon uses (AWL lookup, triplet, AWL count, committed in windows).
     let measure = |label: &'static str, store: SqliteStore| async move {
         let mut tasks = tokio::task::JoinSet::new();
         for task in 0..8u64 {

@@ -24,7 +24,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self as sync_mpsc, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -71,6 +71,8 @@ struct Shared {
     cache: Mutex<RowCache>,
     /// The newest window the committer is done with (committed, or failed and forgotten).
     done: AtomicU64,
+    /// The requests of the window being committed.
+    committing: AtomicUsize,
     /// The log has grown past its bound: the committer restarts it between two commits.
     restart_wanted: AtomicBool,
     /// The committer is restarting the log, which waits for every read transaction begun
@@ -123,6 +125,7 @@ impl SqliteStore {
             }),
             cache: Mutex::new(RowCache::default()),
             done: AtomicU64::new(0),
+            committing: AtomicUsize::new(0),
             restart_wanted: AtomicBool::new(false),
             restarting: AtomicBool::new(false),
         });
@@ -364,8 +367,9 @@ impl Shared {
         commits: &sync_mpsc::Sender<CommitJob>,
     ) -> Result<Decided, StoreError> {
         let mut decider = lock(&self.decider);
-        if decider.window.steps >= MAX_UNCOMMITTED_STEPS {
-            return Err(StoreError::Behind(decider.window.steps));
+        let uncommitted = decider.window.steps + self.committing.load(Ordering::Acquire);
+        if uncommitted >= MAX_UNCOMMITTED_STEPS {
+            return Err(StoreError::Behind(uncommitted));
         }
         if decider.refresh
             || decider.snapshot.is_some_and(|snapshot| {
@@ -401,7 +405,7 @@ impl Shared {
         let outcome = outcomes.pop().expect("one outcome per step");
         if write.is_empty() {
             let window = decider.last_window;
-            decider.refresh |= cache.keep(decided, window, sees);
+            decider.refresh |= cache.keep(decided, window, sees) && self.fresher_than(sees);
             drop(cache);
             if decider.window.opened.is_none() {
                 // Nothing waits for a commit that would end it.
@@ -452,6 +456,7 @@ fn committer(conn: &rusqlite::Connection, jobs: &sync_mpsc::Receiver<CommitJob>,
         due = next_due;
         if let Some(window) = taken {
             commit_window(conn, shared, window);
+            shared.committing.store(0, Ordering::Release);
             if shared.restart_wanted.swap(false, Ordering::AcqRel) {
                 shared.restarting.store(true, Ordering::Release);
                 restart_log(conn);
@@ -512,6 +517,7 @@ fn take_due_window(shared: &Shared, now: bool) -> (Option<Window>, Option<Instan
         || !window.waiters.is_empty()
         || opened.elapsed() >= COMMIT_WITHIN
     {
+        shared.committing.store(window.steps, Ordering::Release);
         (Some(std::mem::take(&mut decider.window)), None)
     } else {
         (None, Some(opened + COMMIT_WITHIN))
@@ -1221,11 +1227,11 @@ mod tests {
         }
     }
 
-    /// The group-commit path (and the cache-only answer of a repeated step) gives what the
+    /// The decider (and the cache-only answer of a repeated step) gives what the
     /// three-call composition gives on the reference store, for every state a triplet and its
     /// client can be in.
     #[tokio::test]
-    async fn group_commit_matches_the_composition_one_by_one() {
+    async fn decisions_match_the_composition_one_by_one() {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = SqliteStore::open(&dir.path().join("g.sqlite"))
             .await
@@ -1343,7 +1349,7 @@ mod tests {
         );
     }
 
-    /// Requests never checkpoint (the writer's auto-checkpoint is off); the background task
+    /// Requests never checkpoint (the committer's auto-checkpoint is off); the background task
     /// copies the WAL into the database file.
     #[tokio::test]
     async fn the_wal_is_checkpointed_in_the_background() {
@@ -1503,10 +1509,10 @@ mod tests {
         assert!(served > 0);
     }
 
-    /// A failing database fails the batch's requests (the caller answers with its fallback
-    /// action), and the worker recovers once the database works again.
+    /// A read that fails fails its request (the caller answers with its fallback action), and
+    /// the store recovers once the database works again.
     #[tokio::test]
-    async fn a_failed_batch_is_reported_and_the_worker_recovers() {
+    async fn a_failed_read_is_reported_and_the_store_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = SqliteStore::open(&dir.path().join("g.sqlite"))
             .await
@@ -1530,7 +1536,7 @@ mod tests {
             .execute(&sqlite.pool)
             .await
             .unwrap();
-        // t1 was forgotten by the cache on the failure: read again, it is a retry, not new.
+        // t1 is still known (a failed read changes nothing): a retry, not new.
         let again = sqlite
             .greylist_step(&step("t1", "c1", 1400, 5))
             .await
@@ -1604,6 +1610,112 @@ mod tests {
         assert_eq!(keys, ["t1", "t3"]);
     }
 
+    /// Another connection that holds the write lock, as a long checkpoint or a slow disk would
+    /// hold up a commit.
+    fn hold_write_lock(path: &Path) -> rusqlite::Connection {
+        let holder = rusqlite::Connection::open(path).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        holder
+    }
+
+    /// While a commit waits for the write lock, requests are decided and answered all the same,
+    /// their rows stay known however many keys come after them, and they are written once the
+    /// lock is free.
+    #[tokio::test]
+    async fn answers_do_not_wait_for_a_stalled_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.sqlite");
+        let sqlite = SqliteStore::open(&path).await.unwrap();
+        let holder = hold_write_lock(&path);
+        let started = std::time::Instant::now();
+        // Over two cache generations of keys, so that the first ones would have been dropped
+        // from the cache had they been committed.
+        let keys = 2 * CACHE_GENERATION + 10;
+        for i in 0..keys {
+            let outcome = sqlite
+                .greylist_step(&step(&format!("t{i}"), "c", 1000, 0))
+                .await
+                .unwrap();
+            assert_eq!(
+                outcome,
+                StepOutcome::Triplet {
+                    seen: TripletSeen {
+                        first: 1000,
+                        last_was_successful: false
+                    },
+                    client_bumped: None
+                }
+            );
+        }
+        assert!(
+            started.elapsed() < BUSY_TIMEOUT / 2,
+            "answers waited for the commit: {:?}",
+            started.elapsed()
+        );
+        // The first key is still known, though nothing is committed yet: a retry.
+        let retry = sqlite
+            .greylist_step(&step("t0", "c", 1400, 0))
+            .await
+            .unwrap();
+        assert_eq!(
+            retry,
+            StepOutcome::Triplet {
+                seen: TripletSeen {
+                    first: 1000,
+                    last_was_successful: false
+                },
+                client_bumped: None
+            }
+        );
+        let committed = || {
+            rusqlite::Connection::open(&path)
+                .unwrap()
+                .query_row("SELECT COUNT(*) FROM triplets", [], |row| {
+                    row.get::<_, i64>(0)
+                })
+                .unwrap()
+        };
+        assert_eq!(committed(), 0, "written through the held lock");
+        holder.execute_batch("ROLLBACK").unwrap();
+        sqlite.flush().await.unwrap();
+        assert_eq!(committed(), i64::try_from(keys).unwrap());
+        assert_eq!(sqlite.list("t0", 1).await.unwrap()[0].last, 1400);
+    }
+
+    /// When the rows of too many answered requests wait for their commit, requests get an error
+    /// (and so the fallback answer) until the commit goes through.
+    #[tokio::test]
+    async fn too_many_uncommitted_requests_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.sqlite");
+        let sqlite = SqliteStore::open(&path).await.unwrap();
+        let holder = hold_write_lock(&path);
+        for i in 0..MAX_UNCOMMITTED_STEPS {
+            sqlite
+                .greylist_step(&step(&format!("t{i}"), "c", 1000, 0))
+                .await
+                .unwrap();
+        }
+        let err = sqlite
+            .greylist_step(&step("one-more", "c", 1000, 0))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Behind(_)), "{err}");
+        assert!(err.to_string().contains("not keeping up"), "{err}");
+        holder.execute_batch("ROLLBACK").unwrap();
+        sqlite.flush().await.unwrap();
+        assert!(
+            sqlite
+                .greylist_step(&step("one-more", "c", 1000, 0))
+                .await
+                .is_ok()
+        );
+        assert_eq!(
+            sqlite.stats(300).await.unwrap().triplets,
+            u64::try_from(MAX_UNCOMMITTED_STEPS).unwrap() + 1
+        );
+    }
+
     /// An answered request's rows reach the database within the commit window by themselves,
     /// with no flush and no later request.
     #[tokio::test]
@@ -1637,8 +1749,9 @@ mod tests {
         drop(sqlite);
     }
 
-    /// The batches of a commit window share one read transaction; it ends with the window, so
-    /// what another process wrote meanwhile is seen by the requests after it.
+    /// The requests of a commit window share one read transaction; it ends once the window is
+    /// committed and no other is open, so what another process wrote meanwhile is seen by the
+    /// requests after it.
     #[tokio::test]
     async fn the_shared_read_transaction_ends_with_its_window() {
         let dir = tempfile::tempdir().unwrap();
@@ -1671,7 +1784,7 @@ mod tests {
     /// Many requests at once: each gets its own triplet's answer, and requests for one triplet
     /// are serialised (never two "first seen").
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_requests_are_group_committed() {
+    async fn concurrent_requests_are_serialised() {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = SqliteStore::open(&dir.path().join("g.sqlite"))
             .await

@@ -43,8 +43,8 @@ pub enum StoreError {
     /// The store's worker is gone (the store is shutting down).
     #[error("greylist store worker stopped")]
     WorkerGone,
-    /// The writer thread could not be started.
-    #[error("cannot start the greylist writer thread: {0}")]
+    /// The committer thread could not be started.
+    #[error("cannot start the greylist committer thread: {0}")]
     Thread(String),
 }
 
