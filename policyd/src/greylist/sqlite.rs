@@ -1631,6 +1631,13 @@ mod tests {
         let path = dir.path().join("g.sqlite");
         let sqlite = SqliteStore::open(&path).await.unwrap();
         let holder = hold_write_lock(&path);
+        let seen_first_at_1000 = StepOutcome::Triplet {
+            seen: TripletSeen {
+                first: 1000,
+                last_was_successful: false,
+            },
+            client_bumped: None,
+        };
         let started = std::time::Instant::now();
         // Over two cache generations of keys, so that the first ones would have been dropped
         // from the cache had they been committed.
@@ -1640,16 +1647,7 @@ mod tests {
                 .greylist_step(&step(&format!("t{i}"), "c", 1000, 0))
                 .await
                 .unwrap();
-            assert_eq!(
-                outcome,
-                StepOutcome::Triplet {
-                    seen: TripletSeen {
-                        first: 1000,
-                        last_was_successful: false
-                    },
-                    client_bumped: None
-                }
-            );
+            assert_eq!(outcome, seen_first_at_1000);
         }
         assert!(
             started.elapsed() < BUSY_TIMEOUT / 2,
@@ -1661,16 +1659,7 @@ mod tests {
             .greylist_step(&step("t0", "c", 1400, 0))
             .await
             .unwrap();
-        assert_eq!(
-            retry,
-            StepOutcome::Triplet {
-                seen: TripletSeen {
-                    first: 1000,
-                    last_was_successful: false
-                },
-                client_bumped: None
-            }
-        );
+        assert_eq!(retry, seen_first_at_1000);
         let committed = || {
             rusqlite::Connection::open(&path)
                 .unwrap()
