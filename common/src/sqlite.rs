@@ -32,9 +32,7 @@ pub const JOURNAL_SIZE_LIMIT: &str = "67108864";
 
 /// How long a RESTART checkpoint may wait for the writer and readers. It holds the write lock
 /// while it waits for readers, so this also bounds how long it can delay a commit.
-const RESTART_BUSY_TIMEOUT_MS: u32 = 100;
-/// [`RESTART_BUSY_TIMEOUT_MS`], for a writer that restarts the log itself.
-pub const RESTART_BUSY_TIMEOUT: Duration = Duration::from_millis(RESTART_BUSY_TIMEOUT_MS as u64);
+pub const RESTART_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 /// The busy timeout the stores' connections otherwise use.
 const BUSY_TIMEOUT_MS: u32 = 5000;
 
@@ -116,11 +114,12 @@ async fn passive(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
     Ok(log_pages)
 }
 
-/// A RESTART checkpoint that waits at most [`RESTART_BUSY_TIMEOUT_MS`] for locks.
+/// A RESTART checkpoint that waits at most [`RESTART_BUSY_TIMEOUT`] for locks.
 async fn restart(pool: &SqlitePool) -> Result<(), sqlx::Error> {
     let mut conn = pool.acquire().await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "PRAGMA busy_timeout = {RESTART_BUSY_TIMEOUT_MS}"
+        "PRAGMA busy_timeout = {}",
+        RESTART_BUSY_TIMEOUT.as_millis()
     )))
     .execute(&mut *conn)
     .await?;

@@ -29,9 +29,10 @@ use std::sync::mpsc::{self as sync_mpsc, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-// The decider hashes every key several times over (cache, plan, decision); SipHash was a tenth
-// of its time. foldhash is randomly seeded per process, and the maps it backs are bounded.
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+// Every request the cache cannot answer alone hashes its keys a few times (lookups, inserts);
+// SipHash was a tenth of the old writer's time. foldhash is randomly seeded per process, and
+// the cache it backs is bounded.
+use foldhash::{HashMap, HashMapExt};
 use postern_common::sqlite::{Checkpoints, JOURNAL_SIZE_LIMIT, RESTART_BUSY_TIMEOUT};
 use rusqlite::{OptionalExtension, TransactionBehavior};
 use sqlx::Row;
@@ -332,6 +333,29 @@ impl Decider {
         }
     }
 
+    /// A step's rows: those the cache holds (`Some`), and the others read.
+    fn rows_of(
+        &mut self,
+        step: &GreylistStep,
+        cached_triplet: Option<Option<(TripletTimes, bool)>>,
+        cached_client: Option<Option<ClientCount>>,
+        done: &AtomicU64,
+    ) -> rusqlite::Result<StepRows> {
+        if cached_triplet.is_none() || cached_client.is_none() {
+            self.begin_reads(done)?;
+        }
+        Ok(StepRows {
+            triplet: match cached_triplet {
+                Some(row) => row,
+                None => read_triplet(&self.conn, &step.triplet_key)?,
+            },
+            client: match cached_client {
+                Some(row) => row,
+                None => read_client(&self.conn, &step.awl_key)?,
+            },
+        })
+    }
+
     /// Adds a request's changed rows to the open window (opening one if none is), and returns
     /// the window's number.
     fn add_to_window(&mut self, rows: WriteRows, commits: &sync_mpsc::Sender<CommitJob>) -> u64 {
@@ -384,42 +408,44 @@ impl Shared {
             decider.refresh = false;
             decider.end_reads();
         }
-        let steps = [step];
-        let plan = ReadPlan::new(&lock(&self.cache), &steps);
-        let read = if plan.is_empty() {
-            Ok(ReadRows::default())
-        } else {
-            decider
-                .begin_reads(&self.done)
-                .and_then(|()| plan.read(&decider.conn))
+        let (triplet, client) = {
+            let cache = lock(&self.cache);
+            let client = if step.awl_threshold > 0 {
+                cache.clients.get(&step.awl_key)
+            } else {
+                Some(None)
+            };
+            (cache.triplets.get(&step.triplet_key), client)
         };
-        let rows = read.map_err(|err| {
-            // Nothing was written: what the cache holds stays right.
-            decider.end_reads();
-            warn!(error = %err, "greylist read failed");
-            StoreError::Batch(err.to_string())
-        })?;
+        let stored = decider
+            .rows_of(step, triplet, client, &self.done)
+            .map_err(|err| {
+                // Nothing was written: what the cache holds stays right.
+                decider.end_reads();
+                warn!(error = %err, "greylist read failed");
+                StoreError::Batch(err.to_string())
+            })?;
         let sees = decider.sees(&self.done);
-        let mut cache = lock(&self.cache);
         let Decision {
-            mut outcomes,
+            outcome,
             write,
-            rows: decided,
-        } = decide(&cache, &steps, plan, rows);
-        let outcome = outcomes.pop().expect("one outcome per step");
-        if write.is_empty() {
-            let window = decider.last_window;
-            decider.refresh |= cache.keep(decided, window, sees) && self.fresher_than(sees);
-            drop(cache);
+            rows,
+        } = decide(step, stored);
+        let wrote = !write.is_empty();
+        let window = if wrote {
+            decider.add_to_window(write, commits)
+        } else {
+            decider.last_window
+        };
+        let kept = lock(&self.cache).keep(step, rows, window, sees);
+        decider.refresh |= kept && self.fresher_than(sees);
+        if !wrote {
             if decider.window.opened.is_none() {
                 // Nothing waits for a commit that would end it.
                 decider.end_reads();
             }
             return Ok(Decided::Now(outcome));
         }
-        let window = decider.add_to_window(write, commits);
-        decider.refresh |= cache.keep(decided, window, sees) && self.fresher_than(sees);
-        drop(cache);
         if decider.answer_first {
             return Ok(Decided::Now(outcome));
         }
@@ -644,16 +670,17 @@ impl Default for RowCache {
 }
 
 impl RowCache {
-    /// Caches a decision's rows, decided in `window` (or, when they changed nothing, as of the
+    /// Caches a step's rows, decided in `window` (or, when they changed nothing, as of the
     /// newest window): a generation holding rows of a window newer than `sees` is not dropped.
     /// Returns whether one had to be kept beyond its size or time for that.
-    fn keep(&mut self, rows: CachedRows, window: u64, sees: u64) -> bool {
-        let mut kept = false;
-        for (key, row) in rows.triplets {
-            kept |= self.triplets.insert(key, row, window, sees);
-        }
-        for (key, row) in rows.clients {
-            kept |= self.clients.insert(key, row, window, sees);
+    fn keep(&mut self, step: &GreylistStep, rows: StepRows, window: u64, sees: u64) -> bool {
+        let mut kept = self
+            .triplets
+            .insert(step.triplet_key.clone(), rows.triplet, window, sees);
+        if step.awl_threshold > 0 {
+            kept |= self
+                .clients
+                .insert(step.awl_key.clone(), rows.client, window, sees);
         }
         kept
     }
@@ -766,94 +793,42 @@ impl<V: Clone> Generations<V> {
     }
 }
 
-/// The rows a batch reads: what the cache does not hold.
-#[derive(Debug, Default)]
-struct ReadPlan {
-    triplets: Vec<String>,
-    clients: Vec<String>,
+/// A step's rows as they stand: its triplet's and, with the AWL on, its client's; `None` for a
+/// row known to be absent.
+#[derive(Debug, Clone, Copy)]
+struct StepRows {
+    triplet: Option<(TripletTimes, bool)>,
+    client: Option<ClientCount>,
 }
 
-impl ReadPlan {
-    fn new(cache: &RowCache, steps: &[&GreylistStep]) -> Self {
-        let mut plan = Self::default();
-        let mut planned: HashSet<(bool, &str)> = HashSet::new();
-        for step in steps {
-            let key = &step.triplet_key;
-            if cache.triplets.get(key).is_none() && planned.insert((false, key)) {
-                plan.triplets.push(key.clone());
-            }
-            let key = &step.awl_key;
-            if step.awl_threshold > 0
-                && cache.clients.get(key).is_none()
-                && planned.insert((true, key))
-            {
-                plan.clients.push(key.clone());
-            }
-        }
-        plan
-    }
-
-    fn is_empty(&self) -> bool {
-        self.triplets.is_empty() && self.clients.is_empty()
-    }
-
-    /// Reads the planned rows.
-    fn read(&self, conn: &rusqlite::Connection) -> Result<ReadRows, rusqlite::Error> {
-        Ok(ReadRows {
-            triplets: read_keyed(
-                conn,
-                "SELECT first, last, passed FROM triplets WHERE key = ?1",
-                &self.triplets,
-                |row| {
-                    Ok((
-                        TripletTimes {
-                            first: to_u64(row.get(0)?),
-                            last: to_u64(row.get(1)?),
-                        },
-                        row.get::<_, i64>(2)? != 0,
-                    ))
-                },
-            )?,
-            clients: read_keyed(
-                conn,
-                "SELECT count, last FROM clients WHERE key = ?1",
-                &self.clients,
-                |row| {
-                    Ok(ClientCount {
-                        count: to_u64(row.get(0)?),
-                        last: to_u64(row.get(1)?),
-                    })
-                },
-            )?,
-        })
-    }
-}
-
-/// The row of each key that has one, by `sql` (its one parameter is the key).
-fn read_keyed<T>(
+/// The stored row of a triplet, if there is one.
+fn read_triplet(
     conn: &rusqlite::Connection,
-    sql: &str,
-    keys: &[String],
-    decode: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-) -> rusqlite::Result<Vec<(String, T)>> {
-    let mut found = Vec::new();
-    if keys.is_empty() {
-        return Ok(found);
-    }
-    let mut select = conn.prepare_cached(sql)?;
-    for key in keys {
-        if let Some(row) = select.query_row([key], &decode).optional()? {
-            found.push((key.clone(), row));
-        }
-    }
-    Ok(found)
+    key: &str,
+) -> rusqlite::Result<Option<(TripletTimes, bool)>> {
+    conn.prepare_cached("SELECT first, last, passed FROM triplets WHERE key = ?1")?
+        .query_row([key], |row| {
+            Ok((
+                TripletTimes {
+                    first: to_u64(row.get(0)?),
+                    last: to_u64(row.get(1)?),
+                },
+                row.get::<_, i64>(2)? != 0,
+            ))
+        })
+        .optional()
 }
 
-/// The stored rows of a batch's keys (keys without a row are absent).
-#[derive(Debug, Default)]
-struct ReadRows {
-    triplets: Vec<(String, (TripletTimes, bool))>,
-    clients: Vec<(String, ClientCount)>,
+/// The stored AWL count of a client, if there is one.
+fn read_client(conn: &rusqlite::Connection, key: &str) -> rusqlite::Result<Option<ClientCount>> {
+    conn.prepare_cached("SELECT count, last FROM clients WHERE key = ?1")?
+        .query_row([key], |row| {
+            Ok(ClientCount {
+                count: to_u64(row.get(0)?),
+                last: to_u64(row.get(1)?),
+            })
+        })
+        .optional()
 }
 
 /// Rows to write: `(key, first, last, passed)` and `(key, count, last)`.
@@ -875,23 +850,16 @@ impl WriteRows {
     }
 }
 
-/// What postgrey's rules make of a batch: each step's outcome, the rows that changed, and every
-/// row of the batch's keys as it now stands, for the cache.
+/// What postgrey's rules make of a step: its outcome, the rows it changed, and its rows as they
+/// now stand, for the cache.
 #[derive(Debug)]
 struct Decision {
-    outcomes: Vec<StepOutcome>,
+    outcome: StepOutcome,
     write: WriteRows,
-    rows: CachedRows,
+    rows: StepRows,
 }
 
-/// A batch's rows by key, `None` for a key known to be absent.
-#[derive(Debug, Default)]
-struct CachedRows {
-    triplets: HashMap<String, Option<(TripletTimes, bool)>>,
-    clients: HashMap<String, Option<ClientCount>>,
-}
-
-/// Writes a batch's rows (in the batch's transaction).
+/// Writes a window's rows (in its transaction).
 fn write_rows(tx: &rusqlite::Transaction<'_>, write: &WriteRows) -> Result<(), rusqlite::Error> {
     if !write.triplets.is_empty() {
         let mut upsert = tx.prepare_cached(
@@ -915,110 +883,67 @@ fn write_rows(tx: &rusqlite::Transaction<'_>, write: &WriteRows) -> Result<(), r
     Ok(())
 }
 
-/// Applies postgrey's rules ([`record_triplet`], [`bump_client`]) to each step of a batch in
-/// turn, in memory, on the rows the cache holds and the rows read; returns the outcomes (in the
-/// order of `steps`, exactly [`Store::greylist_step`]'s composition run for each step in turn)
-/// and the rows that changed. The caller caches the rows at once (requests answered from the
-/// cache alone may see them before the commit; see [`answer_from_cache`]); if the commit fails
-/// the cache is cleared.
-fn decide(cache: &RowCache, steps: &[&GreylistStep], plan: ReadPlan, rows: ReadRows) -> Decision {
-    let mut triplets: HashMap<String, Option<(TripletTimes, bool)>> = HashMap::new();
-    let mut clients: HashMap<String, Option<ClientCount>> = HashMap::new();
-    for key in plan.triplets {
-        triplets.insert(key, None);
-    }
-    for key in plan.clients {
-        clients.insert(key, None);
-    }
-    for (key, row) in rows.triplets {
-        triplets.insert(key, Some(row));
-    }
-    for (key, row) in rows.clients {
-        clients.insert(key, Some(row));
-    }
-    for step in steps {
-        if !triplets.contains_key(&step.triplet_key) {
-            let cached = cache.triplets.get(&step.triplet_key).flatten();
-            triplets.insert(step.triplet_key.clone(), cached);
-        }
-        if step.awl_threshold > 0 && !clients.contains_key(&step.awl_key) {
-            let cached = cache.clients.get(&step.awl_key).flatten();
-            clients.insert(step.awl_key.clone(), cached);
-        }
-    }
-    let stored_triplets = triplets.clone();
-
-    let mut changed_clients: HashSet<&str> = HashSet::new();
-    let mut outcomes = Vec::with_capacity(steps.len());
-    for &step in steps {
-        let mut count_client = |clients: &mut HashMap<String, Option<ClientCount>>| {
-            let prev = clients.get(&step.awl_key).copied().flatten();
-            let next = bump_client(prev, step.now)?;
-            clients.insert(step.awl_key.clone(), Some(next));
-            changed_clients.insert(step.awl_key.as_str());
-            Some(next)
+/// Applies postgrey's rules ([`record_triplet`], [`bump_client`]) to a step, in memory, on its
+/// rows as they stand: exactly [`Store::greylist_step`]'s composition. The caller caches the
+/// rows at once (requests answered from the cache alone may see them before the commit; see
+/// [`answer_from_cache`]); if the commit fails the cache is cleared.
+fn decide(step: &GreylistStep, stored: StepRows) -> Decision {
+    let mut rows = stored;
+    let mut write = WriteRows::default();
+    if step.awl_threshold > 0
+        && rows
+            .client
+            .is_some_and(|count| count.count >= step.awl_threshold)
+    {
+        count_client(step, &mut rows, &mut write);
+        return Decision {
+            outcome: StepOutcome::ClientAwl,
+            write,
+            rows,
         };
-        if step.awl_threshold > 0
-            && clients
-                .get(&step.awl_key)
-                .copied()
-                .flatten()
-                .is_some_and(|c| c.count >= step.awl_threshold)
-        {
-            count_client(&mut clients);
-            outcomes.push(StepOutcome::ClientAwl);
-            continue;
-        }
-        let prev = triplets
-            .get(&step.triplet_key)
-            .copied()
-            .flatten()
-            .map(|(times, _)| times);
-        let seen = record_triplet(prev, step.now, step.rules);
-        let times = TripletTimes {
-            first: seen.first,
-            last: step.now,
-        };
-        triplets.insert(
+    }
+    let seen = record_triplet(rows.triplet.map(|(times, _)| times), step.now, step.rules);
+    let times = TripletTimes {
+        first: seen.first,
+        last: step.now,
+    };
+    let triplet = (times, seen.last_was_successful);
+    if stored.triplet != Some(triplet) {
+        write.triplets.push((
             step.triplet_key.clone(),
-            Some((times, seen.last_was_successful)),
-        );
-        let client_bumped = if step.counts_for_awl(seen) {
-            count_client(&mut clients)
-        } else {
-            None
-        };
-        outcomes.push(StepOutcome::Triplet {
+            to_i64(times.first),
+            to_i64(times.last),
+            i64::from(seen.last_was_successful),
+        ));
+    }
+    rows.triplet = Some(triplet);
+    let client_bumped = if step.counts_for_awl(seen) {
+        count_client(step, &mut rows, &mut write)
+    } else {
+        None
+    };
+    Decision {
+        outcome: StepOutcome::Triplet {
             seen,
             client_bumped,
-        });
-    }
-
-    let mut write = WriteRows::default();
-    for (key, row) in &triplets {
-        if let Some((times, passed)) = row
-            && stored_triplets.get(key) != Some(row)
-        {
-            write.triplets.push((
-                key.clone(),
-                to_i64(times.first),
-                to_i64(times.last),
-                i64::from(*passed),
-            ));
-        }
-    }
-    for key in changed_clients {
-        if let Some(Some(count)) = clients.get(key) {
-            write
-                .clients
-                .push((key.to_owned(), to_i64(count.count), to_i64(count.last)));
-        }
-    }
-    Decision {
-        outcomes,
+        },
         write,
-        rows: CachedRows { triplets, clients },
+        rows,
     }
+}
+
+/// Counts a delivery for the step's client (at most once an hour, see [`bump_client`]).
+fn count_client(
+    step: &GreylistStep,
+    rows: &mut StepRows,
+    write: &mut WriteRows,
+) -> Option<ClientCount> {
+    let next = bump_client(rows.client, step.now)?;
+    rows.client = Some(next);
+    write
+        .clients
+        .push((step.awl_key.clone(), to_i64(next.count), to_i64(next.last)));
+    Some(next)
 }
 
 impl Store for SqliteStore {
@@ -1811,7 +1736,7 @@ mod tests {
                 (i, step.clone(), store.greylist_step(&step).await.unwrap())
             });
         }
-        let mut same_firsts = HashSet::new();
+        let mut same_firsts = std::collections::HashSet::new();
         while let Some(joined) = tasks.join_next().await {
             let (i, step, outcome) = joined.unwrap();
             match i / 100 {
