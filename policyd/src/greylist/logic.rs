@@ -1,6 +1,7 @@
 //! postgrey's algorithm, pure: triplet keys, sender normalisation, the first-seen/last-seen
 //! state machine, the AWL rule and the answer texts. No I/O, no clock: "now" is an argument.
 
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use sha1::{Digest, Sha1};
@@ -93,61 +94,70 @@ pub fn bump_client(prev: Option<ClientCount>, now: u64) -> Option<ClientCount> {
 /// postgrey's sender normalisation (`do_sender_substitutions`): the BATV `prvs=` tag removed,
 /// `+extension` stripped, every run of digits standing as a word replaced by `#`.
 pub fn normalise_sender(sender: &str) -> String {
-    let Some((user, domain)) = sender.split_once('@') else {
-        return sender.to_owned();
-    };
-    let mut user = user.to_owned();
-    if user.starts_with("prvs=") {
-        let parts: Vec<&str> = user.split('=').collect();
-        if parts.len() == 3 {
-            let tag = |s: &str| {
-                s.len() >= 10
-                    && s.bytes()
-                        .take(10)
-                        .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
-            };
-            user = if tag(parts[1]) && !tag(parts[2]) {
-                parts[2].to_owned()
-            } else if tag(parts[2]) && !tag(parts[1]) {
-                parts[1].to_owned()
-            } else {
-                parts[2].to_owned()
-            };
-        }
-    }
-    if let Some(plus) = user.find('+') {
-        user.truncate(plus);
-    }
-    format!("{}@{domain}", replace_numbers(&user))
+    let mut out = String::with_capacity(sender.len());
+    push_normalised_sender(&mut out, sender);
+    out
 }
 
-/// Perl's `s/\b\d+\b/#/g`: a run of digits bounded by non-word characters (or the ends).
-fn replace_numbers(text: &str) -> String {
+/// [`normalise_sender`], appended to `out`: the triplet key is built in one string.
+fn push_normalised_sender(out: &mut String, sender: &str) {
+    let Some((user, domain)) = sender.split_once('@') else {
+        out.push_str(sender);
+        return;
+    };
+    let user = without_batv_tag(user);
+    let user = user.split_once('+').map_or(user, |(before, _)| before);
+    push_replacing_numbers(out, user);
+    out.push('@');
+    out.push_str(domain);
+}
+
+/// The local part of a BATV address (`prvs=TAG=user` or `prvs=user=TAG`) without its tag;
+/// any other local part as it is.
+fn without_batv_tag(user: &str) -> &str {
+    if !user.starts_with("prvs=") {
+        return user;
+    }
+    let mut parts = user.split('=').skip(1);
+    let (Some(first), Some(second), None) = (parts.next(), parts.next(), parts.next()) else {
+        return user;
+    };
+    let tag = |s: &str| {
+        s.len() >= 10
+            && s.bytes()
+                .take(10)
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    };
+    if tag(second) && !tag(first) {
+        first
+    } else {
+        second
+    }
+}
+
+/// Perl's `s/\b\d+\b/#/g`, appended to `out`: a run of digits bounded by non-word characters
+/// (or the ends) becomes `#`.
+fn push_replacing_numbers(out: &mut String, text: &str) {
     let is_word = |c: char| c.is_alphanumeric() || c == '_';
-    let chars: Vec<char> = text.chars().collect();
-    let mut out = String::with_capacity(text.len());
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        let at_boundary = i == 0 || !is_word(chars[i - 1]);
-        if c.is_ascii_digit() && at_boundary {
-            let mut j = i;
-            while j < chars.len() && chars[j].is_ascii_digit() {
-                j += 1;
-            }
-            if j == chars.len() || !is_word(chars[j]) {
+    let mut after_word = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if c.is_ascii_digit() && !after_word {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            let (run, after) = rest.split_at(digits);
+            if after.chars().next().is_none_or(|next| !is_word(next)) {
                 out.push('#');
-                i = j;
-                continue;
+            } else {
+                out.push_str(run);
             }
-            out.extend(&chars[i..j]);
-            i = j;
+            after_word = true;
+            rest = after;
             continue;
         }
         out.push(c);
-        i += 1;
+        after_word = is_word(c);
+        rest = &rest[c.len_utf8()..];
     }
-    out
 }
 
 /// How a client address becomes the client part of the key.
@@ -201,7 +211,17 @@ pub fn client_awl_key(ip: IpAddr, privacy: bool) -> String {
 
 /// `lc "$client_net/$sender/$recipient"`, SHA-1 hex in privacy mode.
 pub fn triplet_key(client_net: &str, sender: &str, recipient: &str, privacy: bool) -> String {
-    let key = format!("{client_net}/{}/{recipient}", normalise_sender(sender)).to_lowercase();
+    let mut key = String::with_capacity(client_net.len() + sender.len() + recipient.len() + 2);
+    key.push_str(client_net);
+    key.push('/');
+    push_normalised_sender(&mut key, sender);
+    key.push('/');
+    key.push_str(recipient);
+    if key.is_ascii() {
+        key.make_ascii_lowercase();
+    } else {
+        key = key.to_lowercase();
+    }
     if privacy { sha1_hex(&key) } else { key }
 }
 
@@ -221,15 +241,39 @@ pub fn greylist_answer(
     recipient: &str,
     has_etrn_domain: bool,
 ) -> String {
-    let mut msg = String::new();
-    if has_etrn_domain && !text.starts_with(|c: char| c.is_ascii_digit()) {
-        msg.push_str("4.2.0 ");
-    }
-    msg.push_str(text);
-    let msg = msg.replacen("%s", &seconds_left.to_string(), 1);
     let domain = recipient.rsplit_once('@').map_or(recipient, |(_, d)| d);
-    let msg = msg.replacen("%r", domain, 1);
-    format!("{action} {msg}")
+    let mut answer = String::with_capacity(action.len() + text.len() + domain.len() + 32);
+    answer.push_str(action);
+    answer.push(' ');
+    if has_etrn_domain && !text.starts_with(|c: char| c.is_ascii_digit()) {
+        answer.push_str("4.2.0 ");
+    }
+    // postgrey replaces the first `%s`, then the first `%r` in the result: the seconds (digits)
+    // never make a `%r`, so one pass replacing the first of each is the same.
+    let (mut seconds_due, mut domain_due) = (true, true);
+    let mut rest = text;
+    while let Some(at) = rest.find('%') {
+        let (before, from_percent) = rest.split_at(at);
+        answer.push_str(before);
+        match from_percent.as_bytes().get(1) {
+            Some(b's') if seconds_due => {
+                let _ = write!(answer, "{seconds_left}");
+                seconds_due = false;
+                rest = &from_percent[2..];
+            }
+            Some(b'r') if domain_due => {
+                answer.push_str(domain);
+                domain_due = false;
+                rest = &from_percent[2..];
+            }
+            _ => {
+                answer.push('%');
+                rest = &from_percent[1..];
+            }
+        }
+    }
+    answer.push_str(rest);
+    answer
 }
 
 /// The X-Greylist header: `%t` delay, `%v` version, `%d` date, `%h` host (each once).
@@ -409,6 +453,15 @@ mod tests {
             ("", ""),
             ("no-at-sign", "no-at-sign"),
             ("list+12@example.com", "list@example.com"),
+            ("prvs=a=b=c@example.com", "prvs=a=b=c@example.com"),
+            ("1a-2_3-b4-5@example.com", "1a-2_3-b4-#@example.com"),
+            ("7-8.9@example.com", "#-#.#@example.com"),
+            (
+                "\u{e9}12-12\u{e9}-12@example.com",
+                "\u{e9}12-12\u{e9}-#@example.com",
+            ),
+            ("\u{665}12@example.com", "\u{665}12@example.com"),
+            ("caf\u{e9}-2024@example.com", "caf\u{e9}-#@example.com"),
         ] {
             assert_eq!(normalise_sender(input), expected, "{input}");
         }
@@ -450,6 +503,15 @@ mod tests {
             "192.168.0.0/test@example.com/test@example.org"
         );
         assert_eq!(
+            triplet_key(
+                "192.168.0.0",
+                "Bill-7+x@\u{c9}cole.EXAMPLE",
+                "\u{c9}T\u{c9}@x.org",
+                false
+            ),
+            "192.168.0.0/bill-#@\u{e9}cole.example/\u{e9}t\u{e9}@x.org"
+        );
+        assert_eq!(
             triplet_key("192.168.0.0", "a@b", "c@d", true),
             sha1_hex("192.168.0.0/a@b/c@d")
         );
@@ -472,6 +534,22 @@ mod tests {
         assert_eq!(
             greylist_answer("451", "4.7.1 wait %s s for %r", 42, "x@d.example", true),
             "451 4.7.1 wait 42 s for d.example"
+        );
+        // Only the first of each is replaced; a lone or doubled % stays.
+        assert_eq!(
+            greylist_answer(
+                "450",
+                "%r then %%s, %s, %r %s 100% %",
+                7,
+                "a@b.example",
+                false
+            ),
+            "450 b.example then %7, %s, %r %s 100% %"
+        );
+        assert_eq!(greylist_answer("450", "%", 7, "no-at", false), "450 %");
+        assert_eq!(
+            greylist_answer("450", "%r%s", 7, "no-at", false),
+            "450 no-at7"
         );
         assert_eq!(
             x_greylist_header(

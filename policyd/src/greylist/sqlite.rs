@@ -768,7 +768,10 @@ impl<V: Clone> Generations<V> {
         let mut kept = false;
         if self.current.len() >= CACHE_GENERATION || self.started.elapsed() >= CACHE_LIFETIME {
             if self.previous_newest <= sees {
-                self.previous = std::mem::take(&mut self.current);
+                // The dropped generation's table is reused: a new one would grow to its
+                // size again by rehashing.
+                std::mem::swap(&mut self.previous, &mut self.current);
+                self.current.clear();
                 self.previous_newest = std::mem::take(&mut self.current_newest);
                 self.started = Instant::now();
             } else {
