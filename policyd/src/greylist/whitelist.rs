@@ -1,6 +1,7 @@
 //! postgrey's whitelist files, read as they are: client regexes, addresses, networks and domain
 //! suffixes; recipient regexes, `user@domain`, `user@`, `domain`.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -43,7 +44,9 @@ pub enum WhitelistError {
 #[derive(Debug, Default)]
 pub struct ClientWhitelist {
     names: Patterns,
-    suffixes: Vec<String>,
+    /// Looked up for the name and each of its parent domains: one hash per label rather than a
+    /// comparison per entry (Debian's file has 130).
+    suffixes: HashSet<String>,
     networks: Vec<IpNet>,
 }
 
@@ -194,7 +197,7 @@ impl ClientWhitelist {
                     IpNet::new(ip, prefix.map_or(128, |p| p.parse().unwrap_or(128))).ok()
                 })
             } else if !entry.contains(char::is_whitespace) {
-                self.suffixes.push(entry.to_ascii_lowercase());
+                self.suffixes.insert(entry.to_ascii_lowercase());
                 continue;
             } else {
                 warn!(file = %path.display(), line, "doesn't look like a hostname; ignored");
@@ -212,12 +215,17 @@ impl ClientWhitelist {
 
     /// Whether the client name matches a regex or a domain suffix (`(^|\.)name$`).
     pub fn matches_name(&self, client_name: &str) -> bool {
+        if self.names.is_match(client_name) {
+            return true;
+        }
+        if self.suffixes.is_empty() {
+            return false;
+        }
         let name = client_name.to_ascii_lowercase();
-        self.names.is_match(client_name)
-            || self.suffixes.iter().any(|suffix| {
-                name.strip_suffix(suffix.as_str())
-                    .is_some_and(|rest| rest.is_empty() || rest.ends_with('.'))
-            })
+        let parents = name.match_indices('.').map(|(dot, _)| &name[dot + 1..]);
+        std::iter::once(name.as_str())
+            .chain(parents)
+            .any(|domain| self.suffixes.contains(domain))
     }
 
     /// Whether the address is inside a listed network.
