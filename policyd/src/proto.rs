@@ -81,7 +81,6 @@ impl PolicyRequest {
     }
 
     fn push(&mut self, name: &str, value: &str) {
-        let offset = |len: usize| u32::try_from(len).expect("a request is far below 4 GiB");
         let start = offset(self.text.len());
         self.text.push_str(name);
         let equals = offset(self.text.len());
@@ -116,6 +115,11 @@ impl PolicyRequest {
         out.push(b'\n');
         out
     }
+}
+
+/// A position in a request's text: requests are capped far below 4 GiB.
+fn offset(at: usize) -> u32 {
+    u32::try_from(at).expect("a request is far below 4 GiB")
 }
 
 /// The answer to one request.
@@ -156,7 +160,8 @@ pub fn parse_request(bytes: &[u8]) -> Result<PolicyRequest, ProtoError> {
     }
     let mut request = PolicyRequest {
         text: String::with_capacity(bytes.len()),
-        spans: Vec::with_capacity(bytes.iter().filter(|&&b| b == b'\n').count()),
+        // Postfix's lines average about 20 bytes: room enough without counting them first.
+        spans: Vec::with_capacity(bytes.len() / 12 + 1),
     };
     // What Postfix sends is plain UTF-8 text with bare newlines: checked whole in one pass each
     // (a fold, not a short-circuiting search, so that it runs on wide registers). Anything else
@@ -166,8 +171,12 @@ pub fn parse_request(bytes: &[u8]) -> Result<PolicyRequest, ProtoError> {
     });
     match std::str::from_utf8(bytes) {
         Ok(text) if !odd_bytes => {
-            for line in text.split('\n').filter(|line| !line.is_empty()) {
-                add_attribute(&mut request, line)?;
+            if !add_plain_lines(&mut request, text)? {
+                request.text.clear();
+                request.spans.clear();
+                for line in text.split('\n').filter(|line| !line.is_empty()) {
+                    add_attribute(&mut request, line)?;
+                }
             }
         }
         _ => {
@@ -190,19 +199,51 @@ pub fn parse_request(bytes: &[u8]) -> Result<PolicyRequest, ProtoError> {
     Ok(request)
 }
 
-/// Adds one non-empty `name=value` line (no newline, no control characters) to `request`.
-fn add_attribute(request: &mut PolicyRequest, line: &str) -> Result<(), ProtoError> {
+/// The usual request, one attribute per line and no empty line but at the end: its text is
+/// kept as it came and the attributes are found where they lie, in one pass. Returns false,
+/// having added nothing, on an empty line elsewhere (left to the line-by-line path).
+fn add_plain_lines(request: &mut PolicyRequest, text: &str) -> Result<bool, ProtoError> {
+    let lines = text.trim_end_matches('\n');
+    let mut start = 0;
+    for line in lines.split('\n') {
+        if line.is_empty() {
+            return Ok(false);
+        }
+        let equals = start + name_length(line)?;
+        if request.spans.len() == MAX_ATTRIBUTES {
+            return Err(ProtoError::TooManyAttributes);
+        }
+        let end = start + line.len();
+        request.spans.push(AttributeSpan {
+            start: offset(start),
+            equals: offset(equals),
+            end: offset(end),
+        });
+        start = end + 1;
+    }
+    request.text.push_str(lines);
+    request.text.push('\n');
+    Ok(true)
+}
+
+/// The length of a `name=value` line's name, checking the line (no newline, no control
+/// characters): not too long, a non-empty name without spaces.
+fn name_length(line: &str) -> Result<usize, ProtoError> {
     if line.len() > MAX_LINE_BYTES {
         return Err(ProtoError::LineTooLong);
     }
-    let (name, value) = line
-        .split_once('=')
-        .filter(|(name, _)| !name.is_empty() && !name.contains(' '))
-        .ok_or_else(|| ProtoError::MalformedLine(line.chars().take(64).collect()))?;
+    line.find('=')
+        .filter(|&equals| equals > 0 && !line[..equals].contains(' '))
+        .ok_or_else(|| ProtoError::MalformedLine(line.chars().take(64).collect()))
+}
+
+/// Adds one non-empty `name=value` line (no newline, no control characters) to `request`.
+fn add_attribute(request: &mut PolicyRequest, line: &str) -> Result<(), ProtoError> {
+    let (name, value) = line.split_at(name_length(line)?);
     if request.spans.len() == MAX_ATTRIBUTES {
         return Err(ProtoError::TooManyAttributes);
     }
-    request.push(name, value);
+    request.push(name, &value[1..]);
     Ok(())
 }
 
@@ -385,6 +426,67 @@ mod tests {
         assert_eq!(PolicyReply::dunno().encode(), b"action=DUNNO\n\n");
         let reply = PolicyReply::new("PREPEND X-Evil: a\n\naction=OK");
         assert_eq!(reply.encode(), b"action=PREPEND X-Evil: aaction=OK\n\n");
+    }
+
+    #[test]
+    fn plain_and_line_by_line_parsing_agree() {
+        // A carriage return sends a request down the line-by-line path; with bare newlines the
+        // same request takes the plain one. Both must give the same request or the same error.
+        let mut long_line = b"name=".to_vec();
+        long_line.resize(MAX_LINE_BYTES + 10, b'v');
+        long_line.extend_from_slice(b"\n\n");
+        let many: Vec<u8> = (0..=MAX_ATTRIBUTES)
+            .flat_map(|i| format!("a{i}=v\n").into_bytes())
+            .collect();
+        let mut cases: Vec<Vec<u8>> = [
+            POSTFIX_REQUEST,
+            b"a=1\nb=\n\n",
+            b"a=1\n\nb=2\n",
+            b"\n\na=1\n",
+            b"a=x=y\n\tb=\t\n\n",
+            b"a=1\nno equals\n\n",
+            b"a=1\n=v\n\n",
+            b"a b=1\n\n",
+            b"\n\n",
+            b"",
+            "caf\u{e9}=cr\u{e8}me\n\n".as_bytes(),
+        ]
+        .iter()
+        .map(|case| case.to_vec())
+        .collect();
+        cases.extend([long_line, many]);
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..2000 {
+            let len = (seed % 60) as usize;
+            cases.push(
+                (0..len)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        [b'a', b'b', b'=', b'\n', b' ', b'\t'][(seed % 6) as usize]
+                    })
+                    .collect(),
+            );
+        }
+        for plain in cases {
+            let with_cr: Vec<u8> = plain
+                .iter()
+                .flat_map(|&b| {
+                    if b == b'\n' {
+                        vec![b'\r', b'\n']
+                    } else {
+                        vec![b]
+                    }
+                })
+                .collect();
+            assert_eq!(
+                parse_request(&plain),
+                parse_request(&with_cr),
+                "{:?}",
+                String::from_utf8_lossy(&plain)
+            );
+        }
     }
 
     #[test]
