@@ -22,7 +22,7 @@
 //! per batch). The admin commands, imports and WAL checkpoints keep sqlx's pool: they are not
 //! on the request path.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self as sync_mpsc, RecvTimeoutError};
@@ -40,7 +40,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use tokio::sync::oneshot;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::logic::{
     AWL_INTERVAL, ClientCount, TripletRules, TripletSeen, TripletTimes, bump_client, record_triplet,
@@ -83,8 +83,6 @@ struct Shared {
     /// The committer is restarting the log, which waits for every read transaction begun
     /// before: the decider begins one per request meanwhile.
     restarting: AtomicBool,
-    /// Reading ahead of the decider (see [`Warming`]).
-    warming: Warming,
 }
 
 fn to_i64(value: u64) -> i64 {
@@ -135,7 +133,6 @@ impl SqliteStore {
             committing: AtomicUsize::new(0),
             restart_wanted: AtomicBool::new(false),
             restarting: AtomicBool::new(false),
-            warming: Warming::new(path),
         });
         let writer = open_connection(path, "-4000")?;
         let (commits, jobs) = sync_mpsc::channel();
@@ -183,148 +180,7 @@ impl SqliteStore {
         }
         self.pool.close().await;
     }
-
-    /// Reads a step's rows on a blocking thread, for their pages only (see [`Warming`]).
-    async fn warm(&self, step: &GreylistStep) {
-        let shared = self.shared.clone();
-        let triplet_key = step.triplet_key.clone();
-        let awl_key = (step.awl_threshold > 0).then(|| step.awl_key.clone());
-        let warmed = tokio::task::spawn_blocking(move || {
-            shared.warming.read(&triplet_key, awl_key.as_deref());
-        });
-        // A warm-up that failed or was cancelled leaves the decider to read, as without one.
-        let _ = warmed.await;
-    }
 }
-
-/// A decider read slower than this waited for the disk (or for a thread preempted in the
-/// middle of it): the store no longer fits in the memory the kernel keeps for its file.
-const SLOW_READ: Duration = Duration::from_micros(500);
-/// Slow reads within [`SLOW_READS_WITHIN`] that turn warming on: not one alone, which may be
-/// a preempted thread.
-const SLOW_READS_TO_WARM: u32 = 3;
-const SLOW_READS_WITHIN: Duration = Duration::from_secs(1);
-/// How long warming stays on after a slow read (its own or the decider's).
-const WARM_FOR: Duration = Duration::from_secs(30);
-/// Warming connections kept for reuse; a burst beyond opens more and closes them after.
-const WARMERS_KEPT: usize = 16;
-
-/// Reading ahead of the decider, once its reads wait for the disk.
-///
-/// The decider reads on the caller's thread while holding its lock: with a store whose pages
-/// are in memory that is the fastest way (a hop to another thread per request cost a third of
-/// the rate), but a read that waits for the disk (a millisecond or more) then holds up every
-/// other request. Once reads are seen to be slow, a request the cache cannot answer first
-/// reads its rows on a blocking thread, on a connection of its own and without the lock,
-/// only so that their pages are in memory; then the decider reads them quickly. The rows
-/// read there are never used, so they need no consistency with the commit windows. Warming
-/// ends by itself when its reads are fast again for [`WARM_FOR`].
-#[derive(Debug)]
-struct Warming {
-    path: PathBuf,
-    since: Instant,
-    /// Until when warming is on, in microseconds since `since` (0: off).
-    until_us: AtomicU64,
-    /// Slow decider reads while warming is off: the first one's time and their count.
-    slow: Mutex<(Instant, u32)>,
-    warmers: Mutex<Vec<rusqlite::Connection>>,
-}
-
-impl Warming {
-    fn new(path: &Path) -> Self {
-        let since = Instant::now();
-        Self {
-            path: path.to_owned(),
-            since,
-            until_us: AtomicU64::new(0),
-            slow: Mutex::new((since, 0)),
-            warmers: Mutex::new(Vec::new()),
-        }
-    }
-
-    fn now_us(&self) -> u64 {
-        u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX)
-    }
-
-    fn is_on(&self) -> bool {
-        let until = self.until_us.load(Ordering::Relaxed);
-        until != 0 && self.now_us() < until
-    }
-
-    fn extend(&self) {
-        let now = self.now_us();
-        let until = now.saturating_add(u64::try_from(WARM_FOR.as_micros()).unwrap_or(u64::MAX));
-        if self.until_us.swap(until, Ordering::Relaxed) <= now {
-            info!(
-                "greylist reads wait for the disk (the store is larger than the memory kept \
-                 for it): rows are read ahead on blocking threads"
-            );
-        }
-    }
-
-    /// Notes how long a decider read took.
-    fn timed(&self, took: Duration) {
-        if took < SLOW_READ {
-            return;
-        }
-        if self.is_on() {
-            self.extend();
-            return;
-        }
-        let mut slow = lock(&self.slow);
-        if slow.0.elapsed() > SLOW_READS_WITHIN {
-            *slow = (Instant::now(), 0);
-        }
-        slow.1 += 1;
-        if slow.1 >= SLOW_READS_TO_WARM {
-            *slow = (Instant::now(), 0);
-            self.extend();
-        }
-    }
-
-    /// Reads a triplet's and a client's rows, for their pages only, and the entries of the
-    /// `last` indexes that their commit will move (an update deletes the old one, on a page
-    /// of its own).
-    fn read(&self, triplet_key: &str, awl_key: Option<&str>) {
-        let pooled = lock(&self.warmers).pop();
-        let Some(conn) = pooled.or_else(|| open_connection(&self.path, WARMER_CACHE).ok()) else {
-            return;
-        };
-        let started = Instant::now();
-        let index_entry = |sql: &str, last: u64, key: &str| {
-            let _ = conn
-                .prepare_cached(sql)
-                .and_then(|mut entry| entry.exists((to_i64(last), key)));
-        };
-        if let Ok(Some((times, _))) = read_triplet(&conn, triplet_key) {
-            index_entry(
-                "SELECT 1 FROM triplets INDEXED BY triplets_last WHERE last = ?1 AND key = ?2",
-                times.last,
-                triplet_key,
-            );
-        }
-        if let Some(key) = awl_key
-            && let Ok(Some(count)) = read_client(&conn, key)
-        {
-            index_entry(
-                "SELECT 1 FROM clients INDEXED BY clients_last WHERE last = ?1 AND key = ?2",
-                count.last,
-                key,
-            );
-        }
-        if started.elapsed() >= SLOW_READ {
-            self.extend();
-        }
-        let mut warmers = lock(&self.warmers);
-        if warmers.len() < WARMERS_KEPT {
-            warmers.push(conn);
-        }
-    }
-}
-
-/// A warming connection's page cache (KiB, negative): what it reads goes to the kernel's
-/// page cache, which the decider reads from.
-const WARMER_CACHE: &str = "-256";
 
 /// Work for the committer.
 #[derive(Debug)]
@@ -561,8 +417,6 @@ impl Shared {
             };
             (cache.triplets.get(&step.triplet_key), client)
         };
-        let reading = Instant::now();
-        let reads = usize::from(triplet.is_none()) + usize::from(client.is_none());
         let stored = decider
             .rows_of(step, triplet, client, &self.done)
             .map_err(|err| {
@@ -571,9 +425,6 @@ impl Shared {
                 warn!(error = %err, "greylist read failed");
                 StoreError::Batch(err.to_string())
             })?;
-        if reads > 0 {
-            self.warming.timed(reading.elapsed());
-        }
         let sees = decider.sees(&self.done);
         let Decision {
             outcome,
@@ -1106,9 +957,6 @@ impl Store for SqliteStore {
         if let Some(outcome) = answer_from_cache(&lock(&self.shared.cache), step) {
             return Ok(outcome);
         }
-        if self.shared.warming.is_on() {
-            self.warm(step).await;
-        }
         match self.shared.decide_one(step, &self.commits)? {
             Decided::Now(outcome) => Ok(outcome),
             Decided::AfterCommit(outcome, committed) => match committed.await {
@@ -1316,23 +1164,10 @@ mod tests {
     /// client can be in.
     #[tokio::test]
     async fn decisions_match_the_composition_one_by_one() {
-        decisions_match_the_composition(false).await;
-    }
-
-    /// The same with every request reading ahead on a blocking thread first.
-    #[tokio::test]
-    async fn decisions_match_the_composition_while_warming() {
-        decisions_match_the_composition(true).await;
-    }
-
-    async fn decisions_match_the_composition(warming: bool) {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = SqliteStore::open(&dir.path().join("g.sqlite"))
             .await
             .unwrap();
-        if warming {
-            sqlite.shared.warming.extend();
-        }
         let memory = MemoryStore::default();
         let times = [0u64, 299, 300, 301, 3600, 2 * 86_400 + 1, 3 * 86_400];
         let mut n = 0;
@@ -1388,33 +1223,6 @@ mod tests {
                 client_bumped: None
             }
         );
-        let warmers = lock(&sqlite.shared.warming.warmers).len();
-        assert_eq!(warmers > 0, warming, "{warmers} warming connections");
-    }
-
-    /// Warming turns on after a few slow decider reads in a second, not after one, and ends
-    /// when its time is up.
-    #[test]
-    fn warming_turns_on_after_slow_reads() {
-        let warming = Warming::new(Path::new("/nonexistent/g.sqlite"));
-        for _ in 0..100 {
-            warming.timed(SLOW_READ / 2);
-        }
-        assert!(!warming.is_on());
-        for _ in 1..SLOW_READS_TO_WARM {
-            warming.timed(SLOW_READ);
-        }
-        assert!(
-            !warming.is_on(),
-            "{SLOW_READS_TO_WARM} slow reads are needed"
-        );
-        warming.timed(SLOW_READ * 4);
-        assert!(warming.is_on());
-        warming.until_us.store(warming.now_us(), Ordering::Relaxed);
-        assert!(!warming.is_on(), "over once its time is up");
-        // A file that cannot be opened leaves the decider to read, as without warming.
-        warming.read("t", Some("c"));
-        assert!(lock(&warming.warmers).is_empty());
     }
 
     /// A known triplet seen again in the same second, and an auto-whitelisted client counted
