@@ -40,7 +40,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use tokio::sync::oneshot;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::logic::{
     AWL_INTERVAL, ClientCount, TripletRules, TripletSeen, TripletTimes, bump_client, record_triplet,
@@ -83,6 +83,10 @@ struct Shared {
     /// The committer is restarting the log, which waits for every read transaction begun
     /// before: the decider begins one per request meanwhile.
     restarting: AtomicBool,
+    /// Told after each window the committer is done with, to requests waiting for room.
+    committed: tokio::sync::Notify,
+    /// Requests wait for room (see [`MAX_UNCOMMITTED_STEPS`]): logged once per episode.
+    behind: AtomicBool,
 }
 
 fn to_i64(value: u64) -> i64 {
@@ -133,6 +137,8 @@ impl SqliteStore {
             committing: AtomicUsize::new(0),
             restart_wanted: AtomicBool::new(false),
             restarting: AtomicBool::new(false),
+            committed: tokio::sync::Notify::new(),
+            behind: AtomicBool::new(false),
         });
         let writer = open_connection(path, "-4000")?;
         let (commits, jobs) = sync_mpsc::channel();
@@ -232,9 +238,11 @@ const COMMIT_WITHIN: Duration = Duration::from_millis(5);
 /// Requests in a window that is committed at once, whatever its age: fewer rows per commit
 /// would write more log for the same rows (each commit appends every page it touches).
 const COMMIT_AFTER_STEPS: usize = 512;
-/// Answered requests whose rows may wait for their commit at most. Beyond it (the committer
-/// stalled: a disk that does not answer, a lock another process holds) requests get the store
-/// error, and so the configured fallback answer, rather than decisions that memory alone keeps.
+/// Answered requests whose rows may wait for their commit at most. Beyond it (requests
+/// faster than the disk, a lock another process holds) a request waits for the committer
+/// before it is decided, within the store timeout (then the fallback answer): memory alone
+/// never keeps more decisions than this, and a burst is slowed down rather than answered
+/// with the fallback.
 const MAX_UNCOMMITTED_STEPS: usize = 20_000;
 /// How long the decider's read transaction lives at most. One shared by many requests saves
 /// a round of file locks per read and, as long as it lives, the page cache it has (SQLite
@@ -280,9 +288,11 @@ struct Window {
     waiters: Vec<oneshot::Sender<Result<(), String>>>,
 }
 
-/// How a decided request is answered.
+/// How a request is answered.
 #[derive(Debug)]
 enum Decided {
+    /// Not decided: too many answered requests wait for their commit.
+    Behind(usize),
     /// At once.
     Now(StepOutcome),
     /// Once its window is committed.
@@ -397,7 +407,14 @@ impl Shared {
         let mut decider = self.decider.lock();
         let uncommitted = decider.window.steps + self.committing.load(Ordering::Acquire);
         if uncommitted >= MAX_UNCOMMITTED_STEPS {
-            return Err(StoreError::Behind(uncommitted));
+            return Ok(Decided::Behind(uncommitted));
+        }
+        // Caught up once half the room is free again, not at every commit that frees some.
+        if uncommitted < MAX_UNCOMMITTED_STEPS / 2
+            && self.behind.load(Ordering::Relaxed)
+            && self.behind.swap(false, Ordering::AcqRel)
+        {
+            info!(uncommitted, "greylist commits caught up");
         }
         if decider.refresh
             || decider.snapshot.is_some_and(|snapshot| {
@@ -487,6 +504,7 @@ fn committer(conn: &rusqlite::Connection, jobs: &sync_mpsc::Receiver<CommitJob>,
         if let Some(window) = taken {
             commit_window(conn, shared, window);
             shared.committing.store(0, Ordering::Release);
+            shared.committed.notify_waiters();
             if shared.restart_wanted.swap(false, Ordering::AcqRel) {
                 shared.restarting.store(true, Ordering::Release);
                 restart_log(conn);
@@ -957,13 +975,30 @@ impl Store for SqliteStore {
         if let Some(outcome) = answer_from_cache(&lock(&self.shared.cache), step) {
             return Ok(outcome);
         }
-        match self.shared.decide_one(step, &self.commits)? {
-            Decided::Now(outcome) => Ok(outcome),
-            Decided::AfterCommit(outcome, committed) => match committed.await {
-                Ok(Ok(())) => Ok(outcome),
-                Ok(Err(message)) => Err(StoreError::Batch(message)),
-                Err(_) => Err(StoreError::WorkerGone),
-            },
+        loop {
+            // Registered before looking, so that a commit done in between is not missed.
+            let room = self.shared.committed.notified();
+            let mut room = std::pin::pin!(room);
+            room.as_mut().enable();
+            match self.shared.decide_one(step, &self.commits)? {
+                Decided::Now(outcome) => return Ok(outcome),
+                Decided::AfterCommit(outcome, committed) => {
+                    return match committed.await {
+                        Ok(Ok(())) => Ok(outcome),
+                        Ok(Err(message)) => Err(StoreError::Batch(message)),
+                        Err(_) => Err(StoreError::WorkerGone),
+                    };
+                }
+                Decided::Behind(uncommitted) => {
+                    if !self.shared.behind.swap(true, Ordering::AcqRel) {
+                        warn!(
+                            uncommitted,
+                            "greylist commits are not keeping up; requests wait for them"
+                        );
+                    }
+                    room.await;
+                }
+            }
         }
     }
 
@@ -1603,10 +1638,10 @@ mod tests {
         assert_eq!(sqlite.list("t0", 1).await.unwrap()[0].last, 1400);
     }
 
-    /// When the rows of too many answered requests wait for their commit, requests get an error
-    /// (and so the fallback answer) until the commit goes through.
+    /// When the rows of too many answered requests wait for their commit, the next request
+    /// waits for the committer before it is decided, then is answered.
     #[tokio::test]
-    async fn too_many_uncommitted_requests_are_refused() {
+    async fn too_many_uncommitted_requests_wait_for_the_committer() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g.sqlite");
         let sqlite = SqliteStore::open(&path).await.unwrap();
@@ -1617,24 +1652,33 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let err = sqlite
-            .greylist_step(&step("one-more", "c", 1000, 0))
-            .await
-            .unwrap_err();
-        assert!(matches!(err, StoreError::Behind(_)), "{err}");
-        assert!(err.to_string().contains("not keeping up"), "{err}");
+        let waiting = {
+            let sqlite = sqlite.clone();
+            tokio::spawn(async move { sqlite.greylist_step(&step("one-more", "c", 1000, 0)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "answered before there was room");
+        assert!(sqlite.shared.behind.load(Ordering::Acquire));
         holder.execute_batch("ROLLBACK").unwrap();
-        sqlite.flush().await.unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("still waiting once the commits went through")
+            .unwrap()
+            .unwrap();
         assert!(
-            sqlite
-                .greylist_step(&step("one-more", "c", 1000, 0))
-                .await
-                .is_ok()
+            matches!(outcome, StepOutcome::Triplet { seen, .. } if seen.first == 1000),
+            "{outcome:?}"
         );
+        sqlite.flush().await.unwrap();
         assert_eq!(
             sqlite.stats(300).await.unwrap().triplets,
             u64::try_from(MAX_UNCOMMITTED_STEPS).unwrap() + 1
         );
+        sqlite
+            .greylist_step(&step("after", "c", 1000, 0))
+            .await
+            .unwrap();
+        assert!(!sqlite.shared.behind.load(Ordering::Acquire), "caught up");
     }
 
     /// An answered request's rows reach the database within the commit window by themselves,

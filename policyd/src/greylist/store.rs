@@ -37,9 +37,6 @@ pub enum StoreError {
     /// A batch of requests failed together (each request of the batch gets this copy).
     #[error("sqlite: {0}")]
     Batch(String),
-    /// Too many answered requests wait for their commit (the store's disk or lock is stalled).
-    #[error("sqlite: {0} answered requests wait for their commit; the store is not keeping up")]
-    Behind(usize),
     /// The store's worker is gone (the store is shutting down).
     #[error("greylist store worker stopped")]
     WorkerGone,
