@@ -2,7 +2,6 @@
 //! loop, the daemon life cycle (signals, reload), the DNS resolver, logging, metrics, secret files,
 //! the clock and SQLite housekeeping. Nothing here knows about greylisting, DKIM or SRS.
 
-pub mod background;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -110,7 +110,6 @@ impl BatchedStderr {
         let thread = std::thread::Builder::new()
             .name("postern-log".into())
             .spawn(move || {
-                crate::background::lower_thread_priority();
                 let mut spare = Vec::new();
                 loop {
                     let mut pending = worker.lock();

@@ -160,11 +160,7 @@ impl SqliteStore {
         let committer_shared = shared.clone();
         std::thread::Builder::new()
             .name("greylist-commit".into())
-            .spawn(move || {
-                // No answer waits for a commit: the request threads go first.
-                postern_common::background::lower_thread_priority();
-                committer(&writer, &jobs, &committer_shared);
-            })
+            .spawn(move || committer(&writer, &jobs, &committer_shared))
             .map_err(|e| StoreError::Thread(e.to_string()))?;
         Ok(Self {
             pool,
