@@ -23,6 +23,7 @@
 //! on the request path.
 
 use std::path::Path;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self as sync_mpsc, RecvTimeoutError};
@@ -975,11 +976,11 @@ impl Store for SqliteStore {
         if let Some(outcome) = answer_from_cache(&lock(&self.shared.cache), step) {
             return Ok(outcome);
         }
+        // Waiting for room: registered for the committer's news before looking again, so
+        // that a commit done in between is not missed (and not before: registering costs a
+        // lock, and nearly every request finds room).
+        let mut room: Option<Pin<Box<tokio::sync::futures::Notified<'_>>>> = None;
         loop {
-            // Registered before looking, so that a commit done in between is not missed.
-            let room = self.shared.committed.notified();
-            let mut room = std::pin::pin!(room);
-            room.as_mut().enable();
             match self.shared.decide_one(step, &self.commits)? {
                 Decided::Now(outcome) => return Ok(outcome),
                 Decided::AfterCommit(outcome, committed) => {
@@ -996,7 +997,14 @@ impl Store for SqliteStore {
                             "greylist commits are not keeping up; requests wait for them"
                         );
                     }
-                    room.await;
+                    match room.take() {
+                        Some(registered) => registered.await,
+                        None => {
+                            let mut registered = Box::pin(self.shared.committed.notified());
+                            registered.as_mut().enable();
+                            room = Some(registered);
+                        }
+                    }
                 }
             }
         }
