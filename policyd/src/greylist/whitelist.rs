@@ -30,14 +30,6 @@ pub enum WhitelistError {
         /// The regex engine's complaint.
         message: String,
     },
-    /// Regexes valid one by one that the engine cannot hold together (beyond its size limit).
-    #[error("{}: its regular expressions together: {message}", path.display())]
-    RegexSet {
-        /// The file.
-        path: PathBuf,
-        /// The regex engine's complaint.
-        message: String,
-    },
 }
 
 /// The client whitelist: names (regexes and domain suffixes) and networks.
@@ -57,11 +49,14 @@ pub struct RecipientWhitelist {
 }
 
 /// Regexes matched as one set: a single pass over the text however many there are. Asked one
-/// by one, Debian's 34 client regexes were a twentieth of a request's CPU.
+/// by one, Debian's 34 client regexes were a twentieth of a request's CPU. Regexes too large
+/// to be held as one set (each has the engine's size limit alone, the set one for all) are
+/// asked one by one, as before.
 #[derive(Debug, Default)]
 struct Patterns {
     sources: Vec<String>,
-    set: RegexSet,
+    set: Option<RegexSet>,
+    each: Vec<Regex>,
 }
 
 impl Patterns {
@@ -72,20 +67,37 @@ impl Patterns {
         Ok(())
     }
 
-    /// Builds the set once a file's patterns are in.
-    fn build(&mut self, path: &Path) -> Result<(), WhitelistError> {
-        self.set = RegexSetBuilder::new(&self.sources)
+    /// Builds the matcher once a file's patterns are in.
+    fn build(&mut self, path: &Path) {
+        match RegexSetBuilder::new(&self.sources)
             .case_insensitive(true)
             .build()
-            .map_err(|err| WhitelistError::RegexSet {
-                path: path.to_owned(),
-                message: err.to_string(),
-            })?;
-        Ok(())
+        {
+            Ok(set) => {
+                self.set = Some(set);
+                self.each = Vec::new();
+            }
+            Err(err) => {
+                warn!(
+                    file = %path.display(),
+                    error = %err,
+                    "whitelist regexes too large as one set; matched one by one"
+                );
+                self.set = None;
+                self.each = self
+                    .sources
+                    .iter()
+                    .filter_map(|pattern| regex(pattern, path, 0).ok())
+                    .collect();
+            }
+        }
     }
 
     fn is_match(&self, text: &str) -> bool {
-        self.set.is_match(text)
+        match &self.set {
+            Some(set) => set.is_match(text),
+            None => self.each.iter().any(|re| re.is_match(text)),
+        }
     }
 
     fn len(&self) -> usize {
@@ -210,7 +222,8 @@ impl ClientWhitelist {
                 }
             }
         }
-        self.names.build(path)
+        self.names.build(path);
+        Ok(())
     }
 
     /// Whether the client name matches a regex or a domain suffix (`(^|\.)name$`).
@@ -281,7 +294,8 @@ impl RecipientWhitelist {
             };
             self.patterns.push(&pattern, path, line)?;
         }
-        self.patterns.build(path)
+        self.patterns.build(path);
+        Ok(())
     }
 
     /// Whether the recipient address matches.
@@ -378,6 +392,20 @@ mod tests {
             err.starts_with("/etc/wl:2: bad regular expression"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn regexes_too_large_as_one_set_are_asked_one_by_one() {
+        // Each one compiles alone; together they pass the engine's size limit.
+        let list = clients(
+            "/^\\w{100}\\.a\\.example$/\n/^\\w{100}\\.b\\.example$/\n/^\\w{100}\\.c\\.example$/\n",
+        );
+        assert!(list.names.set.is_none(), "expected the one-by-one fallback");
+        let name = |domain: &str| format!("{}.{domain}", "x".repeat(100));
+        assert!(list.matches_name(&name("c.example")));
+        assert!(list.matches_name(&name("A.EXAMPLE")));
+        assert!(!list.matches_name(&name("d.example")));
+        assert!(clients("/^mx\\d+\\.example$/\n").names.set.is_some());
     }
 
     #[test]
