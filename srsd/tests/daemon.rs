@@ -45,7 +45,21 @@ fn write_private(path: &Path, text: &str) {
 
 impl Srsd {
     /// Starts the daemon with `extra` config lines (`@DIR@` = its temp dir) on three fresh ports.
+    /// A port found free can be taken by a test running beside this one before the daemon
+    /// binds it: then the daemon is started again on other ports (a few times at most).
     fn start(extra: &str) -> Self {
+        for _ in 0..4 {
+            match Self::start_on_fresh_ports(extra) {
+                Ok(srsd) => return srsd,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("postern-srsd exited: {log}"),
+            }
+        }
+        panic!("postern-srsd found its ports taken four times in a row");
+    }
+
+    /// Starts the daemon, or returns its log if it exited before listening.
+    fn start_on_fresh_ports(extra: &str) -> Result<Self, String> {
         let dir = tempfile::tempdir().unwrap();
         let (forward, reverse, socketmap) = (free_port(), free_port(), free_port());
         let config = dir.path().join("srsd.toml");
@@ -79,7 +93,7 @@ impl Srsd {
         for port in [forward, reverse, socketmap] {
             while TcpStream::connect(("127.0.0.1", port)).is_err() {
                 if let Ok(Some(status)) = srsd.child.try_wait() {
-                    panic!("postern-srsd exited with {status}: {}", srsd.log_text());
+                    return Err(format!("{status}: {}", srsd.log_text()));
                 }
                 assert!(
                     Instant::now() < deadline,
@@ -89,7 +103,7 @@ impl Srsd {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        srsd
+        Ok(srsd)
     }
 
     fn log_text(&self) -> String {
