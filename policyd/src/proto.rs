@@ -172,8 +172,6 @@ pub fn parse_request(bytes: &[u8]) -> Result<PolicyRequest, ProtoError> {
     match std::str::from_utf8(bytes) {
         Ok(text) if !odd_bytes => {
             if !add_plain_lines(&mut request, text)? {
-                request.text.clear();
-                request.spans.clear();
                 for line in text.split('\n').filter(|line| !line.is_empty()) {
                     add_attribute(&mut request, line)?;
                 }
@@ -201,12 +199,14 @@ pub fn parse_request(bytes: &[u8]) -> Result<PolicyRequest, ProtoError> {
 
 /// The usual request, one attribute per line and no empty line but at the end: its text is
 /// kept as it came and the attributes are found where they lie, in one pass. Returns false,
-/// having added nothing, on an empty line elsewhere (left to the line-by-line path).
+/// leaving `request` empty as it came, on an empty line elsewhere (left to the line-by-line
+/// path).
 fn add_plain_lines(request: &mut PolicyRequest, text: &str) -> Result<bool, ProtoError> {
     let lines = text.trim_end_matches('\n');
     let mut start = 0;
     for line in lines.split('\n') {
         if line.is_empty() {
+            request.spans.clear();
             return Ok(false);
         }
         let equals = start + name_length(line)?;

@@ -91,15 +91,18 @@ pub fn bump_client(prev: Option<ClientCount>, now: u64) -> Option<ClientCount> {
     }
 }
 
-/// postgrey's sender normalisation (`do_sender_substitutions`): the BATV `prvs=` tag removed,
-/// `+extension` stripped, every run of digits standing as a word replaced by `#`.
-pub fn normalise_sender(sender: &str) -> String {
+/// [`push_normalised_sender`] into a string of its own, for the tests: the daemon builds the
+/// normalised sender into the triplet key directly.
+#[cfg(test)]
+fn normalise_sender(sender: &str) -> String {
     let mut out = String::with_capacity(sender.len());
     push_normalised_sender(&mut out, sender);
     out
 }
 
-/// [`normalise_sender`], appended to `out`: the triplet key is built in one string.
+/// postgrey's sender normalisation (`do_sender_substitutions`), appended to `out`: the BATV
+/// `prvs=` tag removed, `+extension` stripped, every run of digits standing as a word replaced
+/// by `#`. The triplet key is built in one string.
 fn push_normalised_sender(out: &mut String, sender: &str) {
     let Some((user, domain)) = sender.split_once('@') else {
         out.push_str(sender);
